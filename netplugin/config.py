@@ -1,0 +1,245 @@
+"""Load and validate the TOML configuration file.
+
+Every user error raises ``ConfigError`` with one line naming the file, the key
+and the value; ``netplugin.cli`` prints it and exits non-zero.  See README.md
+("Configuration reference") for every key.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from netplugin.errors import ConfigError
+
+SCOPES = ("local", "global")
+DATASTORES = ("embedded", "etcd", "consul")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+PLUGIN_DIR = "/run/docker/plugins"
+
+# Top-level keys of the seed Nuage plugin's nuage.cfg, accepted as aliases.
+SEED_NUAGE_ALIASES = {
+    "VrsEndpoint": "vrs_endpoint",
+    "VrsPort": "vrs_port",
+    "VrsBridge": "vrs_bridge",
+    "DockerEndpoint": "docker_endpoint",
+}
+SEED_TOP_ALIASES = {"LogLevel": "log_level", "Scope": "scope"}
+
+
+@dataclass
+class DatastoreConfig:
+    type: str = "embedded"
+    path: str = "/var/lib/netplugin/state.db"          # embedded
+    endpoints: List[str] = field(default_factory=lambda: ["http://127.0.0.1:2379"])  # etcd
+    address: str = "127.0.0.1:8500"                     # consul
+    timeout: float = 5.0                                # seconds, etcd and consul
+
+
+@dataclass
+class CalicoConfig:
+    hostname: str = ""
+    mtu: int = 1500
+
+
+@dataclass
+class NuageConfig:
+    vrs_endpoint: str = "localhost"
+    vrs_port: int = 6633
+    vrs_bridge: str = "alubr0"
+    docker_endpoint: str = "unix:///var/run/docker.sock"
+    resolve_timeout: float = 10.0
+
+
+@dataclass
+class Config:
+    path: str = ""
+    scope: str = "local"
+    backend: str = "calico"
+    socket: str = ""
+    log_level: str = "info"
+    workers: int = 1
+    threads: int = 8
+    datastore: DatastoreConfig = field(default_factory=DatastoreConfig)
+    calico: CalicoConfig = field(default_factory=CalicoConfig)
+    nuage: NuageConfig = field(default_factory=NuageConfig)
+
+    @property
+    def driver_name(self) -> str:
+        """The name Docker uses: the socket's basename without ``.sock``."""
+        base = os.path.basename(self.socket)
+        return base[:-5] if base.endswith(".sock") else base
+
+
+class _Reader:
+    """Typed access to one TOML table, with errors naming file and key."""
+
+    def __init__(self, path: str, table: Dict[str, Any], section: str = ""):
+        self.path = path
+        self.table = dict(table)
+        self.section = section
+
+    def _name(self, key: str) -> str:
+        return f"{self.section}.{key}" if self.section else key
+
+    def fail(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.path}: key '{self._name(key)}' {msg}")
+
+    def pop(self, key: str, kind, default, choices=None, lower=False):
+        if key not in self.table:
+            return default
+        value = self.table.pop(key)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is list:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise self.fail(key, f"must be a list of strings, got {value!r}")
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.fail(key, f"must be {_kind_name(kind)}, got {value!r}")
+        if lower:
+            value = value.lower()
+        if choices is not None and value not in choices:
+            raise self.fail(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+
+    def table_of(self, key: str) -> "_Reader":
+        value = self.table.pop(key, {})
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a table ([{key}]), got {value!r}")
+        return _Reader(self.path, value, self._name(key))
+
+    def finish(self) -> None:
+        for key, value in self.table.items():
+            raise self.fail(key, f"is unknown (value {value!r})")
+
+
+def _kind_name(kind) -> str:
+    return {str: "a string", int: "an integer", float: "a number",
+            bool: "a boolean", list: "a list"}.get(kind, kind.__name__)
+
+
+def default_hostname() -> str:
+    """Calico's rule: $HOSTNAME, else the kernel's host name."""
+    return os.environ.get("HOSTNAME") or socket.gethostname()
+
+
+def _default_etcd_endpoints() -> List[str]:
+    if os.environ.get("ETCD_ENDPOINTS"):
+        return [e.strip() for e in os.environ["ETCD_ENDPOINTS"].split(",") if e.strip()]
+    if os.environ.get("ETCD_AUTHORITY"):
+        scheme = os.environ.get("ETCD_SCHEME", "http")
+        return [f"{scheme}://{os.environ['ETCD_AUTHORITY']}"]
+    return ["http://127.0.0.1:2379"]
+
+
+def parse_config(data: Dict[str, Any], path: str = "<config>") -> Config:
+    """Validate a decoded TOML document into a ``Config``."""
+    top = _Reader(path, data)
+    cfg = Config(path=path)
+
+    # Seed Nuage plugin keys (flat, CamelCase) are aliases.
+    seed_nuage = {SEED_NUAGE_ALIASES[k]: top.table.pop(k)
+                  for k in list(top.table) if k in SEED_NUAGE_ALIASES}
+    for alias, key in SEED_TOP_ALIASES.items():
+        if alias in top.table:
+            if key in top.table:
+                raise top.fail(alias, f"and '{key}' are both set; keep one")
+            top.table[key] = top.table.pop(alias)
+
+    from netplugin.backend import available_backends
+    backends = available_backends()
+    default_backend = "nuage" if seed_nuage else "calico"
+    cfg.backend = top.pop("backend", str, default_backend, backends, lower=True)
+    cfg.scope = top.pop("scope", str, cfg.scope, SCOPES, lower=True)
+    cfg.log_level = top.pop("log_level", str, cfg.log_level, LOG_LEVELS, lower=True)
+    cfg.socket = top.pop("socket", str, f"{PLUGIN_DIR}/{cfg.backend}.sock")
+    if not cfg.socket.startswith("/") or cfg.socket.endswith("/"):
+        raise top.fail("socket", f"must be an absolute path to a socket file, got {cfg.socket!r}")
+    cfg.workers = top.pop("workers", int, cfg.workers)
+    if not 1 <= cfg.workers <= 64:
+        raise top.fail("workers", f"must be between 1 and 64, got {cfg.workers}")
+    cfg.threads = top.pop("threads", int, cfg.threads)
+    if not 1 <= cfg.threads <= 256:
+        raise top.fail("threads", f"must be between 1 and 256, got {cfg.threads}")
+
+    ds = top.table_of("datastore")
+    d = cfg.datastore
+    d.type = ds.pop("type", str, d.type, DATASTORES, lower=True)
+    d.path = ds.pop("path", str, d.path)
+    d.endpoints = ds.pop("endpoints", list, None) or _default_etcd_endpoints()
+    for e in d.endpoints:
+        if "://" not in e:
+            raise ds.fail("endpoints", f"entries must look like http://host:port, got {e!r}")
+    d.address = ds.pop("address", str, d.address)
+    d.timeout = ds.pop("timeout", float, d.timeout)
+    if d.timeout <= 0:
+        raise ds.fail("timeout", f"must be positive, got {d.timeout}")
+    ds.finish()
+    if cfg.scope == "global" and d.type == "embedded":
+        raise ds.fail("type", "is 'embedded', but scope 'global' needs a datastore every "
+                      "host shares: use 'etcd' or 'consul'")
+
+    ca = top.table_of("calico")
+    cfg.calico.hostname = ca.pop("hostname", str, "") or default_hostname()
+    cfg.calico.mtu = ca.pop("mtu", int, cfg.calico.mtu)
+    if not 68 <= cfg.calico.mtu <= 65535:
+        raise ca.fail("mtu", f"must be between 68 and 65535, got {cfg.calico.mtu}")
+    ca.finish()
+
+    nu_table = top.table.pop("nuage", {})
+    if not isinstance(nu_table, dict):
+        raise top.fail("nuage", f"must be a table ([nuage]), got {nu_table!r}")
+    nu = _Reader(path, {**seed_nuage, **nu_table}, "nuage")
+    n = cfg.nuage
+    n.vrs_endpoint = nu.pop("vrs_endpoint", str, n.vrs_endpoint)
+    n.vrs_port = nu.pop("vrs_port", int, n.vrs_port)
+    if not 1 <= n.vrs_port <= 65535:
+        raise nu.fail("vrs_port", f"must be a TCP port, got {n.vrs_port}")
+    n.vrs_bridge = nu.pop("vrs_bridge", str, n.vrs_bridge)
+    n.docker_endpoint = nu.pop("docker_endpoint", str, n.docker_endpoint)
+    n.resolve_timeout = nu.pop("resolve_timeout", float, n.resolve_timeout)
+    nu.finish()
+
+    top.finish()
+    return cfg
+
+
+def load_config(path: str) -> Config:
+    """Read and validate ``path``; raise ``ConfigError`` on any user error."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    return parse_config(data, path)
+
+
+def config_from_text(text: str, path: str = "<string>") -> Config:
+    """Parse TOML text (tests and tools)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+    return parse_config(data, path)
+
+
+def describe(cfg: Optional[Config]) -> str:  # used in the start-up log line
+    if cfg is None:
+        return "<no config>"
+    return (f"backend={cfg.backend} scope={cfg.scope} socket={cfg.socket} "
+            f"datastore={cfg.datastore.type}")

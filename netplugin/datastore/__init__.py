@@ -1,0 +1,27 @@
+"""Datastore adapters: embedded (sqlite file), etcd (v2 API), consul."""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from netplugin.datastore.base import (  # noqa: F401  (re-exported)
+    CompareFailed, Datastore, DatastoreError, DatastoreUnavailable, Event, Item,
+    KeyExists, KeyNotFound, Watch, normalize_prefix)
+from netplugin.datastore.counting import CountingDatastore  # noqa: F401
+
+if TYPE_CHECKING:  # pragma: no cover
+    from netplugin.config import DatastoreConfig
+
+# type name in the config -> (module, class)
+ADAPTERS = {
+    "embedded": ("netplugin.datastore.embedded", "EmbeddedDatastore"),
+    "etcd": ("netplugin.datastore.etcd", "EtcdDatastore"),
+    "consul": ("netplugin.datastore.consul", "ConsulDatastore"),
+}
+
+
+def open_datastore(cfg: "DatastoreConfig") -> Datastore:
+    """Build the adapter the ``[datastore]`` section asks for."""
+    module_name, class_name = ADAPTERS[cfg.type]
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls.from_config(cfg)

@@ -1,0 +1,138 @@
+"""The datastore interface every adapter implements.
+
+Keys are slash-separated paths in the etcd v2 style (``/calico/v1/...``); values
+are strings (JSON text where structured).  Every stored item carries an integer
+``version`` (etcd's modifiedIndex, consul's ModifyIndex, the embedded store's
+revision) used for compare-and-swap.
+
+Adapters raise only the exceptions defined here; ``DatastoreUnavailable``
+means the store could not be reached or answered garbage.
+"""
+from __future__ import annotations
+
+import abc
+import threading
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+from netplugin.errors import PluginError
+
+
+class DatastoreError(PluginError):
+    """Base of every datastore exception."""
+
+
+class KeyNotFound(DatastoreError):
+    def __init__(self, key: str):
+        super().__init__(f"datastore key not found: {key}")
+        self.key = key
+
+
+class KeyExists(DatastoreError):
+    def __init__(self, key: str):
+        super().__init__(f"datastore key already exists: {key}")
+        self.key = key
+
+
+class CompareFailed(DatastoreError):
+    """Compare-and-swap / compare-and-delete lost: the key changed or vanished."""
+
+    def __init__(self, key: str):
+        super().__init__(f"datastore key changed concurrently: {key}")
+        self.key = key
+
+
+class DatastoreUnavailable(DatastoreError):
+    """The datastore could not be reached (or failed in an unexpected way)."""
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str
+    value: str
+    version: int
+
+
+@dataclass(frozen=True)
+class Event:
+    action: str  # "put" or "delete"
+    key: str
+    value: Optional[str]  # None for "delete"
+    version: int
+
+
+class Watch:
+    """Handle returned by ``watch_prefix``; ``stop()`` ends the watch thread."""
+
+    def __init__(self):
+        self._stop = threading.Event()
+        self.thread: Optional[threading.Thread] = None
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._stop.wait(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+
+
+class Datastore(abc.ABC):
+    """Abstract key-value store with optimistic concurrency."""
+
+    name = "abstract"
+
+    @abc.abstractmethod
+    def get(self, key: str) -> Item:
+        """Return the item at ``key`` or raise ``KeyNotFound``."""
+
+    @abc.abstractmethod
+    def put(self, key: str, value: str) -> Item:
+        """Create or overwrite ``key``; return the stored item."""
+
+    @abc.abstractmethod
+    def create(self, key: str, value: str) -> Item:
+        """Create ``key`` only if absent, else raise ``KeyExists``."""
+
+    @abc.abstractmethod
+    def compare_and_swap(self, key: str, value: str, version: int) -> Item:
+        """Overwrite ``key`` only if its version is still ``version``, else raise
+        ``CompareFailed`` (also when the key no longer exists)."""
+
+    @abc.abstractmethod
+    def delete(self, key: str, version: Optional[int] = None) -> None:
+        """Delete ``key`` (raise ``KeyNotFound`` if absent).  With ``version``, only
+        if unchanged, else raise ``CompareFailed``."""
+
+    @abc.abstractmethod
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every key under ``prefix`` (a directory, recursively); return
+        how many were deleted (0 is not an error)."""
+
+    @abc.abstractmethod
+    def list_prefix(self, prefix: str) -> List[Item]:
+        """Every item under the directory ``prefix`` (keys starting with
+        ``normalize_prefix(prefix)``, at any depth), sorted by key."""
+
+    @abc.abstractmethod
+    def watch_prefix(self, prefix: str, callback: Callable[[Event], None],
+                     since: Optional[int] = None) -> Watch:
+        """Call ``callback(event)`` from a background thread for each change under
+        ``prefix`` after version ``since`` (default: from now on) until the
+        returned ``Watch`` is stopped.  Reconnects by itself after failures."""
+
+    def ping(self) -> None:
+        """Raise ``DatastoreUnavailable`` if the store cannot be reached."""
+        self.list_prefix("/netplugin/ping")
+
+    def close(self) -> None:
+        """Release connections and stop watches started by this object."""
+
+
+def normalize_prefix(prefix: str) -> str:
+    """``/a/b`` and ``/a/b/`` both mean the directory ``/a/b/`` for listing."""
+    return prefix if prefix.endswith("/") else prefix + "/"
