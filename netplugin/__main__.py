@@ -1,0 +1,5 @@
+import sys
+
+from netplugin.cli import main
+
+sys.exit(main())
