@@ -1,0 +1,236 @@
+"""Calico networking with Docker's IPAM, end to end: real dockerd in a lab host,
+the real plugin (./plugin) beside it, real etcd / embedded datastore, real
+netlink.  Nothing here runs in the machine's own network namespace."""
+import json
+import re
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from netplugin.config import DatastoreConfig
+from tests.plugin_proc import PluginProcess
+
+pytestmark = pytest.mark.integration
+
+ETCD_CONFIG = """
+scope = "local"
+backend = "calico"
+socket = "/run/docker/plugins/calico.sock"
+log_level = "info"
+[datastore]
+type = "etcd"
+endpoints = ["{etcd}"]
+timeout = 3.0
+[calico]
+hostname = "{hostname}"
+"""
+
+EMBEDDED_CONFIG = """
+backend = "calico"
+[datastore]
+type = "embedded"
+path = "{path}"
+[calico]
+hostname = "{hostname}"
+mtu = 1400
+"""
+
+
+def _store(ds_cfg):
+    from netplugin.datastore import open_datastore
+    return open_datastore(ds_cfg)
+
+
+@pytest.fixture(scope="module")
+def plugin(host_a, etcd_url):
+    """The plugin on etcd, serving host_a's dockerd for the whole module."""
+    proc = PluginProcess(host_a, ETCD_CONFIG.format(etcd=etcd_url, hostname=host_a.name))
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+def docker(host, *args, **kw):
+    return host.docker(*args, **kw)
+
+
+def container_ip(host, name, network):
+    out = docker(host, "inspect", "-f",
+                 "{{json .NetworkSettings.Networks}}", name).stdout
+    return json.loads(out)[network]["IPAddress"]
+
+
+def host_links(host):
+    return host.run("ip", "-o", "link", "show").stdout
+
+
+def host_routes(host):
+    return host.run("ip", "-4", "route", "show").stdout
+
+
+_DUMP = ("import json, sys\n"
+         "from netplugin.config import DatastoreConfig\n"
+         "from netplugin.datastore import open_datastore\n"
+         "s = open_datastore(DatastoreConfig(type='etcd', endpoints=[sys.argv[1]]))\n"
+         "print(json.dumps({i.key: i.value for i in s.list_prefix(sys.argv[2])}))\n")
+
+
+def etcd_items(host, url, prefix="/calico"):
+    """Every key under ``prefix`` in the lab's etcd, read from inside ``host``
+    (etcd lives in the lab; the machine's namespace cannot reach it)."""
+    out = host.run(sys.executable, "-c", _DUMP, url, prefix).stdout
+    return json.loads(out)
+
+
+def wait_gone(fn, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not fn():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_ping_within_network_and_routes(host_a, plugin, etcd_url):
+    docker(host_a, "network", "create", "--driver=calico", "--subnet=192.168.0.0/24", "net1")
+    docker(host_a, "network", "create", "--driver=calico", "--subnet=192.168.1.0/24", "net2")
+    try:
+        docker(host_a, "run", "-d", "--net", "net1", "--name", "ca", "busybox", "sleep", "1d")
+        docker(host_a, "run", "-d", "--net", "net1", "--name", "cb", "busybox", "sleep", "1d")
+        docker(host_a, "run", "-d", "--net", "net2", "--name", "cc", "busybox", "sleep", "1d")
+        ip_a = container_ip(host_a, "ca", "net1")
+        ip_b = container_ip(host_a, "cb", "net1")
+        ip_c = container_ip(host_a, "cc", "net2")
+        assert ip_a.startswith("192.168.0.") and ip_b.startswith("192.168.0.")
+        assert ip_c.startswith("192.168.1.")
+
+        # Address in the subnet, default route via the Calico gateway.
+        addr = docker(host_a, "exec", "ca", "ip", "-4", "addr", "show", "eth0").stdout
+        assert f"inet {ip_a}/" in addr
+        routes = docker(host_a, "exec", "ca", "ip", "route").stdout
+        assert "default via 169.254.1.1 dev eth0" in routes
+        assert "169.254.1.1 dev eth0" in routes
+
+        # Host side: one cali veth per container, a /32 route to each address.
+        hroutes = host_routes(host_a)
+        for ip in (ip_a, ip_b, ip_c):
+            assert re.search(rf"^{re.escape(ip)} dev cali\w+ ", hroutes, re.M), hroutes
+
+        # a and b ping each other; docker run --rm pings a.
+        docker(host_a, "exec", "ca", "ping", "-c1", "-W2", ip_b)
+        docker(host_a, "exec", "cb", "ping", "-c1", "-W2", ip_a)
+        docker(host_a, "run", "--rm", "--net", "net1", "busybox", "ping", "-c1", "-W2", ip_a)
+    finally:
+        docker(host_a, "rm", "-f", "ca", "cb", "cc", check=False)
+        docker(host_a, "network", "rm", "net1", "net2", check=False)
+
+    # Nothing left: no cali device, no /32 route, no datastore key.
+    assert "cali" not in host_links(host_a)
+    assert "192.168." not in host_routes(host_a)
+    assert etcd_items(host_a, etcd_url) == {}
+
+
+def test_datastore_cost_per_call(host_a, plugin):
+    """The Calico plugin's published table: CreateNetwork 0R/4W, CreateEndpoint
+    1R/1W, Join 1R, DeleteEndpoint 1D, DeleteNetwork 1R/3D (measured from the
+    plugin's own per-call log while real dockerd drives it)."""
+    before = {c: len(plugin.costs(c)) for c in
+              ("CreateNetwork", "CreateEndpoint", "Join", "Leave", "DeleteEndpoint",
+               "DeleteNetwork")}
+    docker(host_a, "network", "create", "--driver=calico", "--subnet=192.168.5.0/24", "cost")
+    try:
+        docker(host_a, "run", "--rm", "--net", "cost", "busybox", "true")
+    finally:
+        docker(host_a, "network", "rm", "cost", check=False)
+    time.sleep(0.5)
+
+    def new(c):
+        return plugin.costs(c)[before[c]:]
+
+    assert new("CreateNetwork") == [(0, 4, 0)]
+    assert new("CreateEndpoint") == [(1, 1, 0)]
+    assert new("Join") == [(1, 0, 0)]
+    assert new("Leave") == [(0, 0, 0)]
+    assert new("DeleteEndpoint") == [(0, 0, 1)]
+    assert new("DeleteNetwork") == [(1, 0, 3)]
+
+
+def test_network_options_and_bad_options(host_a, plugin, etcd_url):
+    r = docker(host_a, "network", "create", "--driver=calico", "--subnet=192.168.7.0/24",
+               "-o", "ipip=maybe", "bad", check=False)
+    assert r.returncode != 0 and "ipip" in r.stderr and "maybe" in r.stderr
+    r = docker(host_a, "network", "create", "--driver=calico", "--subnet=192.168.7.0/24",
+               "-o", "colour=blue", "bad", check=False)
+    assert r.returncode != 0 and "colour" in r.stderr
+    assert etcd_items(host_a, etcd_url) == {}  # nothing half-written
+
+    docker(host_a, "network", "create", "--driver=calico", "--subnet=192.168.7.0/24",
+           "-o", "ipip=false", "-o", "nat-outgoing=true", "opts")
+    try:
+        pool = json.loads(etcd_items(host_a, etcd_url, "/calico/v1/ipam/v4/pool")[
+            "/calico/v1/ipam/v4/pool/192.168.7.0-24"])
+        assert pool["cidr"] == "192.168.7.0/24" and pool["ipam"] is False
+        assert "ipip" not in pool and pool["masquerade"] is True
+    finally:
+        docker(host_a, "network", "rm", "opts")
+    assert etcd_items(host_a, etcd_url) == {}
+
+
+def test_garbage_over_socket_gets_json_err(plugin):
+    for path, raw in [("/NetworkDriver.CreateNetwork", b"{garbage"),
+                      ("/NetworkDriver.CreateEndpoint", b'{"NetworkID": 7}'),
+                      ("/NetworkDriver.Join", b'{"NetworkID": "x", "EndpointID": "y",'
+                                              b' "SandboxKey": "/nope"}'),
+                      ("/NetworkDriver.DeleteNetwork", b"[1,2,3]"),
+                      ("/IpamDriver.RequestAddress", b"{}")]:
+        status, body = plugin.call(path, raw=raw)
+        assert status == 500 and body["Err"], (path, body)
+    # An unknown endpoint: clear error, nothing created.
+    status, body = plugin.call("/NetworkDriver.Join", {
+        "NetworkID": "f" * 64, "EndpointID": "e" * 64, "SandboxKey": "/var/run/docker/netns/x"})
+    assert status == 500 and "e" * 12 in body["Err"]
+    assert plugin.call("/Plugin.Activate") == (200, {"Implements": ["NetworkDriver"]})
+
+
+def test_datastore_down_gives_clear_error_and_recovers(lab, host_a, plugin, etcd_url):
+    lab.stop_etcd()
+    try:
+        r = docker(host_a, "network", "create", "--driver=calico",
+                   "--subnet=192.168.9.0/24", "down", check=False)
+        assert r.returncode != 0 and "etcd" in r.stderr, r.stderr
+    finally:
+        lab.start_etcd()
+    docker(host_a, "network", "rm", "down", check=False)
+    docker(host_a, "network", "create", "--driver=calico", "--subnet=192.168.9.0/24", "up")
+    docker(host_a, "network", "rm", "up")
+    assert etcd_items(host_a, etcd_url) == {}
+
+
+def test_embedded_datastore_and_sigterm(host_b):
+    """Default-style config (embedded datastore, [calico] mtu) on a second host;
+    SIGTERM stops the plugin cleanly and removes its socket."""
+    path = os.path.join(host_b.dir, "state.db")
+    proc = PluginProcess(host_b, EMBEDDED_CONFIG.format(path=path, hostname=host_b.name))
+    proc.start()
+    try:
+        docker(host_b, "network", "create", "--driver=calico", "--subnet=192.168.20.0/24", "e1")
+        docker(host_b, "run", "-d", "--net", "e1", "--name", "cx", "busybox", "sleep", "1d")
+        docker(host_b, "run", "-d", "--net", "e1", "--name", "cy", "busybox", "sleep", "1d")
+        ip_y = container_ip(host_b, "cy", "e1")
+        docker(host_b, "exec", "cx", "ping", "-c1", "-W2", ip_y)
+        mtu = docker(host_b, "exec", "cx", "cat", "/sys/class/net/eth0/mtu").stdout.strip()
+        assert mtu == "1400"
+        docker(host_b, "rm", "-f", "cx", "cy")
+        docker(host_b, "network", "rm", "e1")
+        assert "cali" not in host_links(host_b)
+        store = _store(DatastoreConfig(type="embedded", path=path))
+        assert store.list_prefix("/calico") == []
+    finally:
+        docker(host_b, "rm", "-f", "cx", "cy", check=False)
+        docker(host_b, "network", "rm", "e1", check=False)
+        rc = proc.stop(signal.SIGTERM)
+    assert rc == 0, proc.log()
+    assert not os.path.exists(proc.socket_path)

@@ -1,0 +1,103 @@
+"""Run the real plugin (./plugin) inside a lab host and talk to its socket."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from typing import Any, Dict, Optional, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(ROOT, "plugin")
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 30):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.unix_path)
+
+
+def call(sock_path: str, path: str, body: Any = None, raw: Optional[bytes] = None,
+         timeout: float = 30) -> Tuple[int, Dict[str, Any]]:
+    """POST like dockerd does (no Content-Type); return (status, decoded JSON)."""
+    data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
+    conn = UnixHTTPConnection(sock_path, timeout)
+    try:
+        conn.request("POST", path, body=data)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"{}")
+    finally:
+        conn.close()
+
+
+class PluginProcess:
+    """``./plugin -f CONFIG`` started inside ``host`` (its net + mount ns).
+
+    ``socket_path`` is where the socket appears in the machine's file system
+    (the host's /run/docker/plugins is a bind mount of ``host.plugins_dir``).
+    """
+
+    def __init__(self, host, config_text: str, name: str = "calico"):
+        self.host = host
+        self.name = name
+        self.config_path = os.path.join(host.dir, f"{name}.cfg")
+        self.log_path = os.path.join(host.dir, f"{name}.log")
+        self.socket_path = os.path.join(host.plugins_dir, f"{name}.sock")
+        with open(self.config_path, "w") as f:
+            f.write(config_text)
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self, timeout: float = 30) -> "PluginProcess":
+        self.proc = self.host.spawn([LAUNCHER, "-f", self.config_path], self.log_path)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"plugin exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                status, _ = call(self.socket_path, "/Plugin.Activate", timeout=2)
+                if status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"plugin did not answer on {self.socket_path}:\n{self.log()}")
+
+    def call(self, path: str, body: Any = None, raw: Optional[bytes] = None):
+        return call(self.socket_path, path, body, raw)
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def costs(self, call_name: str):
+        """(R, W, D) of every logged successful ``call_name`` (e.g. "Join")."""
+        out = []
+        pattern = re.compile(r"NetworkDriver\.%s .*ok in .*\(datastore (\d+)R (\d+)W (\d+)D\)"
+                             % re.escape(call_name))
+        for line in self.log().splitlines():
+            m = pattern.search(line)
+            if m:
+                out.append(tuple(int(x) for x in m.groups()))
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(10)
