@@ -83,9 +83,13 @@ def serve(cfg: Config) -> None:
                 "errorlog": "-",
                 "proc_name": f"netplugin-{cfg.driver_name}",
                 "worker_exit": _worker_exit,
+                # gunicorn >= 25 opens a control socket at one fixed path per
+                # user: several plugins on a machine would fight over it.
+                "control_socket_disable": True,
             }
             for key, value in settings.items():
-                self.cfg.set(key, value)
+                if key in self.cfg.settings:  # older gunicorn lacks some settings
+                    self.cfg.set(key, value)
 
         def load(self):
             return build_app(cfg)
