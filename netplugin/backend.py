@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import threading
 from typing import TYPE_CHECKING, Dict, Optional, Type
 
 from netplugin import protocol as p
@@ -60,6 +61,16 @@ class Backend:
 
     def stop(self) -> None:
         """Called on shutdown."""
+
+    #: True when the backend has a per-host agent (``run_agent``): the
+    #: launcher then runs it once per host in its own supervised process,
+    #: whatever the number of workers serving Docker.
+    has_agent = False
+
+    def run_agent(self, stop: "threading.Event") -> None:
+        """Keep the host in line with the datastore (watch, reconcile) until
+        ``stop`` is set.  Runs in a dedicated process with its own backend
+        instance; an exception ends it and the launcher restarts it."""
 
     # NetworkDriver -----------------------------------------------------
     def create_network(self, req: p.CreateNetworkRequest) -> None:

@@ -67,6 +67,16 @@ def prepare_socket(path: str) -> None:
 def serve(cfg: Config) -> None:
     from gunicorn.app.base import BaseApplication
 
+    from netplugin import agent
+    from netplugin.backend import load_backend
+
+    agent_proc = None
+    if load_backend(cfg.backend).has_agent:
+        agent_proc = agent.spawn(os.path.abspath(cfg.path))
+
+    def on_exit(_server):
+        agent.stop(agent_proc)
+
     class PluginApplication(BaseApplication):
         def load_config(self):
             settings = {
@@ -83,6 +93,7 @@ def serve(cfg: Config) -> None:
                 "errorlog": "-",
                 "proc_name": f"netplugin-{cfg.driver_name}",
                 "worker_exit": _worker_exit,
+                "on_exit": on_exit,
                 # gunicorn >= 25 opens a control socket at one fixed path per
                 # user: several plugins on a machine would fight over it.
                 "control_socket_disable": True,
@@ -96,7 +107,10 @@ def serve(cfg: Config) -> None:
 
     prepare_socket(cfg.socket)
     log.info("netplugin %s serving %s on %s", __version__, describe(cfg), cfg.socket)
-    PluginApplication().run()
+    try:
+        PluginApplication().run()
+    finally:
+        agent.stop(agent_proc)
 
 
 def _worker_exit(_server, worker) -> None:
@@ -119,6 +133,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                     help="TOML config file (default: $NETPLUGIN_CONFIG, else ./plugin.cfg)")
     ap.add_argument("--check", action="store_true",
                     help="validate the config file, print a summary and exit")
+    ap.add_argument("--agent", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--version", action="version", version=f"netplugin {__version__}")
     return ap.parse_args(argv)
 
@@ -132,6 +147,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.check:
             print(f"{path}: ok ({describe(cfg)})")
             return 0
+        if args.agent:  # the per-host agent process (see netplugin.agent)
+            from netplugin import agent
+            return agent.run(cfg)
         serve(cfg)
     except ConfigError as exc:
         print(f"netplugin: error: {exc}", file=sys.stderr)
