@@ -1,12 +1,13 @@
-"""Calico network driver (Docker's own IPAM), Calico v1 data model.
+"""Calico network driver, Calico v1 data model; Docker's IPAM or Calico IPAM
+(``--ipam-driver calico``, see ``ipam_driver``).
 
 Profile name = Docker NetworkID; endpoint key host = ``[calico] hostname``.
 Per-call datastore budget (R reads / W writes / D deletes), as the Python
 libnetwork plugin's README counts them:
 
 ============== ======================================================
-CreateNetwork  0R 4W (one IPv4 subnet; +1W for an IPv6 subnet)
-DeleteNetwork  1R 3D (one subnet; +1D per extra subnet)
+CreateNetwork  0R 4W (one IPv4 subnet; +1W for an IPv6 subnet); Calico IPAM: 0R 3W
+DeleteNetwork  1R 3D (one subnet; +1D per extra subnet); Calico IPAM: 1R 2D
 CreateEndpoint 1R 1W
 Join           1R
 Leave          0
@@ -29,9 +30,10 @@ from netplugin import linux
 from netplugin import protocol as p
 from netplugin.backend import Backend, register
 from netplugin.datastore import KeyNotFound
-from netplugin.errors import InvalidRequest, NotFound, NotSupported, PluginError
+from netplugin.errors import InvalidRequest, NotFound, PluginError
 
 from backends.calico import keys
+from backends.calico.ipam_driver import ADDRESS_SPACES, CalicoIpamDriver
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,12 @@ def pool_value(cidr: str, version: int, ipip: bool, masquerade: bool) -> Dict[st
     return value
 
 
+def is_calico_ipam(address_space: Any, gateway: Any) -> bool:
+    """IPvXData of a network whose addresses come from Calico IPAM: the gateway
+    marker (what our RequestPool answers), or one of our address spaces."""
+    return gateway in CALICO_IPAM_GATEWAYS or address_space in ADDRESS_SPACES
+
+
 def _pools_of_record(record: Dict[str, Any]) -> List[str]:
     """Pool CIDRs (default IPAM) named in a stored CreateNetwork body; lenient."""
     cidrs = []
@@ -108,7 +116,7 @@ def _pools_of_record(record: Dict[str, Any]) -> List[str]:
             if not isinstance(entry, dict):
                 continue
             pool, gateway = entry.get("Pool"), entry.get("Gateway")
-            if not isinstance(pool, str) or gateway in CALICO_IPAM_GATEWAYS:
+            if not isinstance(pool, str) or is_calico_ipam(entry.get("AddressSpace"), gateway):
                 continue
             try:
                 cidrs.append(str(ipaddress.ip_network(pool, strict=False)))
@@ -118,10 +126,11 @@ def _pools_of_record(record: Dict[str, Any]) -> List[str]:
 
 
 @register("calico")
-class CalicoBackend(Backend):
-    """Calico network driver; Docker's IPAM supplies the addresses."""
+class CalicoBackend(CalicoIpamDriver, Backend):
+    """Calico network driver; addresses from Docker's IPAM (a pool with
+    ``ipam: false`` per network) or from Calico IPAM (nothing per network)."""
 
-    implements_ipam = False
+    implements_ipam = True
 
     @property
     def hostname(self) -> str:
@@ -138,6 +147,13 @@ class CalicoBackend(Backend):
         # advertisements, which an IPv4-only user should not pay for.
         linux.ensure_sysctl("net/ipv4/ip_forward", 1)
 
+    #: The per-host agent enforces the profiles with nftables (policy.py, agent.py).
+    has_agent = True
+
+    def run_agent(self, stop) -> None:
+        from backends.calico.agent import PolicyAgent
+        PolicyAgent(self.datastore, self.hostname).run(stop)
+
     # networks -------------------------------------------------------------
     def _validate_network(self, req: p.CreateNetworkRequest
                           ) -> Tuple[Dict[str, bool], List[Tuple[str, int]]]:
@@ -146,13 +162,22 @@ class CalicoBackend(Backend):
                 "the calico driver supports at most one IPv4 and one IPv6 subnet per "
                 f"network, got {len(req.ipv4_data)} IPv4 and {len(req.ipv6_data)} IPv6")
         data = list(req.ipv4_data) + list(req.ipv6_data)
-        if any(d.gateway in CALICO_IPAM_GATEWAYS for d in data):
-            raise NotSupported("networks with --ipam-driver calico are not supported yet; "
-                               "use Docker's IPAM with --subnet")
         if not data:
             raise InvalidRequest("CreateNetwork has no IPv4Data or IPv6Data: the calico "
                                  "driver needs the network's subnet")
         options = parse_network_options(req.generic_options)
+        calico = [is_calico_ipam(d.address_space, d.gateway) for d in data]
+        if any(calico):
+            if not all(calico):
+                raise InvalidRequest("a network cannot mix Calico IPAM and Docker IPAM data")
+            chosen = [name for name in OPTIONS if options[name]]
+            if chosen:
+                raise InvalidRequest(
+                    f"network option{'s' if len(chosen) > 1 else ''} "
+                    f"{', '.join(chosen)} only apply with Docker's IPAM; with --ipam-driver "
+                    f"calico set them on the Calico pool (calicoctl pool add <cidr> "
+                    f"--ipip --nat-outgoing)")
+            return options, []      # Calico IPAM: the pools are Calico's own
         pools = []
         for d in data:
             net = ipaddress.ip_network(d.pool, strict=False)
@@ -183,7 +208,8 @@ class CalicoBackend(Backend):
             self._undo_writes(done)
             raise
         log.info("created network %s (pools %s, ipip=%s, nat-outgoing=%s)", nid,
-                 ", ".join(c for c, _ in pools), options["ipip"], options["nat-outgoing"])
+                 ", ".join(c for c, _ in pools) or "from Calico IPAM", options["ipip"],
+                 options["nat-outgoing"])
 
     def _undo_writes(self, written: List[str]) -> None:
         for key in reversed(written):

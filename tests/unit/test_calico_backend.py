@@ -11,7 +11,7 @@ from backends.calico.driver import CalicoBackend
 from netplugin import protocol as p
 from netplugin.backend import load_backend
 from netplugin.datastore import CountingDatastore, DatastoreUnavailable
-from netplugin.errors import InvalidRequest, NotFound, NotSupported, PluginError
+from netplugin.errors import InvalidRequest, NotFound, PluginError
 from tests.netns_runner import calico_backend, netns_unavailable_reason, run_in_netns
 
 NID = "3df319d886f3a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f607182930"
@@ -115,10 +115,10 @@ def budget(r, w, d):
 # registration
 
 
-def test_registered_as_calico_without_ipam():
+def test_registered_as_calico_with_ipam():
     assert load_backend("calico") is CalicoBackend
     assert CalicoBackend.name == "calico"
-    assert CalicoBackend.implements_ipam is False
+    assert CalicoBackend.implements_ipam is True
 
 
 def test_interface_names_fit_linux_limit():
@@ -215,15 +215,38 @@ def test_unknown_option_leaves_no_keys(env):
 
 @pytest.mark.parametrize("kw", [
     {"pool": "0.0.0.0/0", "gateway": "0.0.0.0/0"},
-    {"pool6": "::/0", "gateway6": "::/0"},
+    {"pool": "0.0.0.0/0", "gateway": "0.0.0.0/0", "pool6": "100::/64", "gateway6": "::/0"},
+    {"pool": "192.168.0.0/24", "gateway": "0.0.0.0/0"},       # --subnet inside a pool
 ])
-def test_calico_ipam_marker_is_not_supported_yet(env, kw):
+def test_calico_ipam_network_writes_no_pool(env, kw):
+    """Calico IPAM (gateway marker from our RequestPool): profile + record only,
+    0R 3W; DeleteNetwork 1R 2D and no pool deleted."""
     backend, store = env
-    with pytest.raises(NotSupported) as exc:
-        backend.create_network(create_net(**kw))
-    assert str(exc.value) == ("networks with --ipam-driver calico are not supported yet; "
-                              "use Docker's IPAM with --subnet")
-    assert dump(store) == {}
+    store.inner.put(POOL4_KEY, json.dumps({"cidr": "10.10.0.0/24"}))   # a Calico pool
+    body = net_body(**kw)
+    _, counts = run(store, backend.create_network, p.CreateNetworkRequest.parse(body))
+    assert counts == budget(0, 3, 0)
+    assert dump(store) == {
+        f"/calico/v1/policy/profile/{NID}/tags": [NID],
+        f"/calico/v1/policy/profile/{NID}/rules": {
+            "inbound_rules": [{"action": "allow", "src_tag": NID}],
+            "outbound_rules": [{"action": "allow"}]},
+        POOL4_KEY: {"cidr": "10.10.0.0/24"},
+        NET_KEY: body,
+    }
+    _, counts = run(store, backend.delete_network, p.NetworkRequest(NID))
+    assert counts == budget(1, 0, 2)
+    assert dump(store) == {POOL4_KEY: {"cidr": "10.10.0.0/24"}}
+
+
+def test_calico_ipam_network_refuses_pool_options(env):
+    backend, store = env
+    with pytest.raises(InvalidRequest, match="only apply with Docker's IPAM"):
+        backend.create_network(create_net(pool="0.0.0.0/0", gateway="0.0.0.0/0",
+                                          generic={"nat-outgoing": "true"}))
+    backend.create_network(create_net(pool="0.0.0.0/0", gateway="0.0.0.0/0",
+                                      generic={"ipip": "false"}))   # false: harmless
+    assert NET_KEY in dump(store)
 
 
 def test_more_than_one_subnet_per_version_is_refused(env):
