@@ -72,6 +72,13 @@ class Backend:
         ``stop`` is set.  Runs in a dedicated process with its own backend
         instance; an exception ends it and the launcher restarts it."""
 
+    def audit(self, dry_run: bool = False) -> dict:
+        """Find state Docker no longer knows (endpoints, devices, addresses
+        leaked by a crash or a dockerd restart) and remove it, touching nothing
+        in use; with ``dry_run`` only report.  Returns a summary dict (what was
+        found/removed).  Run by the agent at start-up and by ``--audit``."""
+        return {}
+
     # NetworkDriver -----------------------------------------------------
     def create_network(self, req: p.CreateNetworkRequest) -> None:
         raise NotSupported(f"{self.name}: CreateNetwork is not implemented")

@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from netplugin import __version__
 from netplugin.config import Config, describe, load_config
-from netplugin.errors import ConfigError
+from netplugin.errors import ConfigError, PluginError
 
 log = logging.getLogger("netplugin")
 
@@ -133,6 +133,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                     help="TOML config file (default: $NETPLUGIN_CONFIG, else ./plugin.cfg)")
     ap.add_argument("--check", action="store_true",
                     help="validate the config file, print a summary and exit")
+    ap.add_argument("--audit", action="store_true",
+                    help="remove endpoints, devices and addresses Docker no longer knows "
+                         "(leaked by crashes or dockerd restarts), print what was done, exit")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="with --audit: only report what would be removed")
     ap.add_argument("--agent", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--version", action="version", version=f"netplugin {__version__}")
     return ap.parse_args(argv)
@@ -147,6 +152,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.check:
             print(f"{path}: ok ({describe(cfg)})")
             return 0
+        if args.audit:
+            import json
+            backend = build_backend(cfg)
+            try:
+                print(json.dumps(backend.audit(dry_run=args.dry_run), indent=2, sort_keys=True))
+            finally:
+                backend.datastore.close()
+            return 0
         if args.agent:  # the per-host agent process (see netplugin.agent)
             from netplugin import agent
             return agent.run(cfg)
@@ -154,6 +167,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         print(f"netplugin: error: {exc}", file=sys.stderr)
         return 2
+    except PluginError as exc:  # --audit against an unreachable datastore/dockerd
+        print(f"netplugin: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 0
     return 0

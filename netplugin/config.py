@@ -47,15 +47,20 @@ class DatastoreConfig:
 class CalicoConfig:
     hostname: str = ""
     mtu: int = 1500
+    docker_endpoint: str = "unix:///var/run/docker.sock"  # for the leak audit
+    docker_timeout: float = 5.0
 
 
 @dataclass
 class NuageConfig:
-    vrs_endpoint: str = "localhost"
+    vrs_endpoint: str = "localhost"     # host/IP (TCP, with vrs_port) or unix:/path/db.sock
     vrs_port: int = 6633
     vrs_bridge: str = "alubr0"
     docker_endpoint: str = "unix:///var/run/docker.sock"
-    resolve_timeout: float = 10.0
+    resolve_timeout: float = 10.0       # seconds Join waits for VRS to resolve a vPort
+    vrs_timeout: float = 5.0            # seconds for reaching VRS and for one OVSDB transaction
+    docker_timeout: float = 3.0         # seconds per Docker API call (never blocks a Join longer)
+    hostname: str = ""                  # endpoint records are kept under this host name
 
 
 @dataclass
@@ -191,11 +196,23 @@ def parse_config(data: Dict[str, Any], path: str = "<config>") -> Config:
     cfg.calico.mtu = ca.pop("mtu", int, cfg.calico.mtu)
     if not 68 <= cfg.calico.mtu <= 65535:
         raise ca.fail("mtu", f"must be between 68 and 65535, got {cfg.calico.mtu}")
+    cfg.calico.docker_endpoint = ca.pop("docker_endpoint", str, cfg.calico.docker_endpoint)
+    if "://" not in cfg.calico.docker_endpoint:
+        raise ca.fail("docker_endpoint", "must look like unix:///path/docker.sock or "
+                      f"tcp://host:port, got {cfg.calico.docker_endpoint!r}")
+    cfg.calico.docker_timeout = ca.pop("docker_timeout", float, cfg.calico.docker_timeout)
+    if not 0 < cfg.calico.docker_timeout <= 300:
+        raise ca.fail("docker_timeout", "must be between 0 and 300 seconds, got "
+                      f"{cfg.calico.docker_timeout}")
     ca.finish()
 
     nu_table = top.table.pop("nuage", {})
     if not isinstance(nu_table, dict):
         raise top.fail("nuage", f"must be a table ([nuage]), got {nu_table!r}")
+    for key in seed_nuage:
+        if key in nu_table:
+            alias = next(a for a, k in SEED_NUAGE_ALIASES.items() if k == key)
+            raise top.fail(alias, f"and 'nuage.{key}' are both set; keep one")
     nu = _Reader(path, {**seed_nuage, **nu_table}, "nuage")
     n = cfg.nuage
     n.vrs_endpoint = nu.pop("vrs_endpoint", str, n.vrs_endpoint)
@@ -205,6 +222,26 @@ def parse_config(data: Dict[str, Any], path: str = "<config>") -> Config:
     n.vrs_bridge = nu.pop("vrs_bridge", str, n.vrs_bridge)
     n.docker_endpoint = nu.pop("docker_endpoint", str, n.docker_endpoint)
     n.resolve_timeout = nu.pop("resolve_timeout", float, n.resolve_timeout)
+    n.vrs_timeout = nu.pop("vrs_timeout", float, n.vrs_timeout)
+    n.docker_timeout = nu.pop("docker_timeout", float, n.docker_timeout)
+    for key in ("resolve_timeout", "vrs_timeout", "docker_timeout"):
+        value = getattr(n, key)
+        if not 0 < value <= 300:
+            raise nu.fail(key, f"must be between 0 and 300 seconds, got {value}")
+    n.vrs_endpoint = n.vrs_endpoint.strip()
+    vrs_path = n.vrs_endpoint[5:] if n.vrs_endpoint.startswith("unix:") else None
+    if vrs_path is not None and not vrs_path.startswith("/"):
+        raise nu.fail("vrs_endpoint", f"must be unix:/absolute/path/db.sock, got {n.vrs_endpoint!r}")
+    if vrs_path is None and (not n.vrs_endpoint or "/" in n.vrs_endpoint
+                             or any(c.isspace() for c in n.vrs_endpoint)):
+        raise nu.fail("vrs_endpoint", "must be a host name, an IP address or "
+                      f"unix:/path/db.sock, got {n.vrs_endpoint!r}")
+    if not n.vrs_bridge.strip():
+        raise nu.fail("vrs_bridge", "must not be empty")
+    if "://" not in n.docker_endpoint:
+        raise nu.fail("docker_endpoint", "must look like unix:///path/docker.sock or "
+                      f"tcp://host:port, got {n.docker_endpoint!r}")
+    n.hostname = nu.pop("hostname", str, "") or default_hostname()
     nu.finish()
 
     top.finish()
