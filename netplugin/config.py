@@ -72,9 +72,15 @@ class Config:
     log_level: str = "info"
     workers: int = 1
     threads: int = 8
+    state_dir: str = "/run/netplugin"   # host-local state that dies with the host's containers
     datastore: DatastoreConfig = field(default_factory=DatastoreConfig)
     calico: CalicoConfig = field(default_factory=CalicoConfig)
     nuage: NuageConfig = field(default_factory=NuageConfig)
+
+    @property
+    def driver_state_dir(self) -> str:
+        """``state_dir/<driver name>``: this plugin's host-local state."""
+        return os.path.join(self.state_dir, self.driver_name)
 
     @property
     def driver_name(self) -> str:
@@ -167,6 +173,9 @@ def parse_config(data: Dict[str, Any], path: str = "<config>") -> Config:
     cfg.socket = top.pop("socket", str, f"{PLUGIN_DIR}/{cfg.backend}.sock")
     if not cfg.socket.startswith("/") or cfg.socket.endswith("/"):
         raise top.fail("socket", f"must be an absolute path to a socket file, got {cfg.socket!r}")
+    cfg.state_dir = top.pop("state_dir", str, cfg.state_dir)
+    if not cfg.state_dir.startswith("/"):
+        raise top.fail("state_dir", f"must be an absolute path, got {cfg.state_dir!r}")
     cfg.workers = top.pop("workers", int, cfg.workers)
     if not 1 <= cfg.workers <= 64:
         raise top.fail("workers", f"must be between 1 and 64, got {cfg.workers}")

@@ -138,8 +138,10 @@ def calico_backend(state_path: str, hostname: str = "host-a", mtu: int = 1400):
     from netplugin.datastore import CountingDatastore
     from netplugin.datastore.embedded import EmbeddedDatastore
 
+    state_dir = os.path.join(os.path.dirname(state_path), "run")
     cfg = config_from_text(
-        f'backend = "calico"\n[datastore]\ntype = "embedded"\npath = {json.dumps(state_path)}\n'
+        f'backend = "calico"\nstate_dir = {json.dumps(state_dir)}\n'
+        f'[datastore]\ntype = "embedded"\npath = {json.dumps(state_path)}\n'
         f'[calico]\nhostname = {json.dumps(hostname)}\nmtu = {mtu}\n')
     store = CountingDatastore(EmbeddedDatastore.from_config(cfg.datastore))
     return CalicoBackend(cfg, store), store

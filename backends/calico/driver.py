@@ -33,6 +33,7 @@ from netplugin.datastore import KeyNotFound
 from netplugin.errors import InvalidRequest, NotFound, PluginError
 
 from backends.calico import keys
+from backends.calico.gateways import GatewayTable
 from backends.calico.ipam_driver import ADDRESS_SPACES, CalicoIpamDriver
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,11 @@ HOST_PREFIX = "cali"
 TEMP_PREFIX = "tmp"
 ID_CHARS = 11  # "cali" + 11 = 15 characters, the Linux limit
 
-#: ``-o`` options of ``docker network create`` (all booleans).
-OPTIONS = ("ipip", "nat-outgoing")
+#: ``-o`` options of ``docker network create``: booleans, and the veth MTU
+#: (``mtu``, or Docker's own ``com.docker.network.driver.mtu``).
+BOOL_OPTIONS = ("ipip", "nat-outgoing")
+MTU_OPTIONS = ("mtu", "com.docker.network.driver.mtu")
+OPTIONS = BOOL_OPTIONS + MTU_OPTIONS
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
@@ -75,17 +79,43 @@ def parse_bool_option(name: str, value: str) -> bool:
     raise InvalidRequest(f"network option {name!r} must be true or false, got {value!r}")
 
 
-def parse_network_options(generic: Dict[str, Any]) -> Dict[str, bool]:
-    """Validate the generic (``-o``) options; return ``{"ipip": bool, "nat-outgoing": bool}``."""
+def parse_network_options(generic: Dict[str, Any]) -> Dict[str, Any]:
+    """Validate the generic (``-o``) options; return ``{"ipip": bool,
+    "nat-outgoing": bool, "mtu": int or None}``."""
     unknown = sorted(k for k in generic if k not in OPTIONS)
     if unknown:
         names = ", ".join(repr(k) for k in unknown)
         plural = "s" if len(unknown) > 1 else ""
         raise InvalidRequest(
             f"unknown network option{plural} {names} for the calico driver; "
-            f"known options: {', '.join(OPTIONS)}")
-    return {name: parse_bool_option(name, generic[name]) if name in generic else False
-            for name in OPTIONS}
+            f"known options: {', '.join(OPTIONS[:3])}")
+    out: Dict[str, Any] = {name: parse_bool_option(name, generic[name])
+                           if name in generic else False for name in BOOL_OPTIONS}
+    out["mtu"] = None
+    for name in MTU_OPTIONS:
+        if name in generic:
+            out["mtu"] = parse_mtu_option(name, generic[name])
+    return out
+
+
+def parse_mtu_option(name: str, value: Any) -> int:
+    try:
+        mtu = int(str(value).strip())
+    except ValueError:
+        mtu = 0
+    if not 68 <= mtu <= 65535:
+        raise InvalidRequest(f"network option {name!r} must be an MTU between 68 and "
+                             f"65535, got {value!r}")
+    return mtu
+
+
+def network_mtu(record: Dict[str, Any]) -> Optional[int]:
+    """The ``-o mtu`` of a stored CreateNetwork body, or None (lenient)."""
+    generic = (record.get("Options") or {}).get("com.docker.network.generic") or {}
+    try:
+        return parse_network_options(generic)["mtu"] if isinstance(generic, dict) else None
+    except InvalidRequest:
+        return None
 
 
 def pool_value(cidr: str, version: int, ipip: bool, masquerade: bool) -> Dict[str, Any]:
@@ -170,7 +200,7 @@ class CalicoBackend(CalicoIpamDriver, Backend):
         if any(calico):
             if not all(calico):
                 raise InvalidRequest("a network cannot mix Calico IPAM and Docker IPAM data")
-            chosen = [name for name in OPTIONS if options[name]]
+            chosen = [name for name in BOOL_OPTIONS if options[name]]
             if chosen:
                 raise InvalidRequest(
                     f"network option{'s' if len(chosen) > 1 else ''} "
@@ -207,9 +237,9 @@ class CalicoBackend(CalicoIpamDriver, Backend):
         except BaseException:
             self._undo_writes(done)
             raise
-        log.info("created network %s (pools %s, ipip=%s, nat-outgoing=%s)", nid,
+        log.info("created network %s (pools %s, ipip=%s, nat-outgoing=%s, mtu=%s)", nid,
                  ", ".join(c for c, _ in pools) or "from Calico IPAM", options["ipip"],
-                 options["nat-outgoing"])
+                 options["nat-outgoing"], options["mtu"] or self.mtu)
 
     def _undo_writes(self, written: List[str]) -> None:
         for key in reversed(written):
@@ -254,9 +284,14 @@ class CalicoBackend(CalicoIpamDriver, Backend):
                         ) -> Optional[p.CreateEndpointResponse]:
         nid, eid = req.network_id, req.endpoint_id
         try:
-            self.datastore.get(keys.network(nid))
+            raw = self.datastore.get(keys.network(nid)).value
         except KeyNotFound:
             raise NotFound(f"network {nid} is not known to the calico plugin") from None
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            record = None
+        mtu = network_mtu(record) if isinstance(record, dict) else None
         iface = req.interface
         if not iface.address and not iface.address_ipv6:
             raise InvalidRequest("CreateEndpoint needs Interface.Address or "
@@ -270,6 +305,10 @@ class CalicoBackend(CalicoIpamDriver, Backend):
         value = {"state": "active", "name": host_veth_name(eid), "mac": mac,
                  "profile_ids": [nid], "labels": {},
                  "ipv4_nets": ipv4, "ipv6_nets": ipv6}
+        if mtu is not None:
+            # The network's -o mtu travels with the endpoint, so Join needs
+            # one read only (Calico's readers ignore extra endpoint fields).
+            value["mtu"] = mtu
         self.datastore.put(keys.endpoint(self.hostname, eid), json.dumps(value))
         log.info("created endpoint %s on network %s (%s, mac %s)", eid, nid,
                  ", ".join(ipv4 + ipv6), mac)
@@ -297,16 +336,30 @@ class CalicoBackend(CalicoIpamDriver, Backend):
                 ep[name] = nets
             if not isinstance(ep.get("mac"), str) or not ep["mac"]:
                 raise ValueError("no mac")
+            mtu = ep.get("mtu")
+            if mtu is not None and (isinstance(mtu, bool) or not isinstance(mtu, int)
+                                    or not 68 <= mtu <= 65535):
+                raise ValueError(f"bad mtu {mtu!r}")
         except ValueError as exc:
             raise PluginError(f"endpoint record {key} is corrupt: {exc}") from None
         return ep
+
+    @property
+    def gateways(self) -> GatewayTable:
+        return GatewayTable(self.config.driver_state_dir)
 
     def join(self, req: p.JoinRequest) -> p.JoinResponse:
         eid = req.endpoint_id
         ep = self._read_endpoint(eid)
         host, temp = host_veth_name(eid), temp_veth_name(eid)
         ipv4, ipv6 = ep["ipv4_nets"], ep["ipv6_nets"]
-        linux.create_veth(host, temp, mtu=self.mtu, peer_mac=ep["mac"].lower())
+        mtu = ep.get("mtu") or self.mtu
+        gateway = ""
+        if ipv4:
+            # Another Calico interface of this container keeps 169.254.1.1.
+            gateway = self.gateways.choose(
+                req.sandbox_key, eid, alive=lambda e: linux.link_exists(host_veth_name(e)))
+        linux.create_veth(host, temp, mtu=mtu, peer_mac=ep["mac"].lower())
         try:
             linux.set_link_up(host)
             linux.write_sysctl(f"net/ipv4/conf/{host}/proxy_arp", 1)
@@ -321,21 +374,23 @@ class CalicoBackend(CalicoIpamDriver, Backend):
         except BaseException:
             try:
                 linux.delete_link(host)
+                self.gateways.release(eid)
             except Exception as exc:
-                log.warning("rollback: cannot delete veth %s: %s", host, exc)
+                log.warning("rollback of endpoint %s failed: %s", eid, exc)
             raise
-        log.info("joined endpoint %s: veth %s/%s, routes %s", eid, host, temp,
-                 ", ".join(ipv4 + ipv6))
+        log.info("joined endpoint %s: veth %s/%s mtu %d, gateway %s, routes %s", eid, host,
+                 temp, mtu, gateway or GATEWAY_V6, ", ".join(ipv4 + ipv6))
         return p.JoinResponse(
             src_name=temp, dst_prefix="eth",
-            gateway=GATEWAY_V4 if ipv4 else "",
+            gateway=gateway,
             gateway_ipv6=GATEWAY_V6 if ipv6 else "",
-            static_routes=(p.StaticRoute(f"{GATEWAY_V4}/32", 1),) if ipv4 else (),
+            static_routes=(p.StaticRoute(f"{gateway}/32", 1),) if ipv4 else (),
             disable_gateway_service=True)
 
     def leave(self, req: p.EndpointRequest) -> None:
         if linux.delete_link(host_veth_name(req.endpoint_id)):
             log.info("left endpoint %s: deleted veth", req.endpoint_id)
+        self.gateways.release(req.endpoint_id)
 
     def delete_endpoint(self, req: p.EndpointRequest) -> None:
         eid = req.endpoint_id
@@ -344,6 +399,7 @@ class CalicoBackend(CalicoIpamDriver, Backend):
         finally:
             # Docker calls DeleteEndpoint without Leave after a failed Join.
             linux.delete_link(host_veth_name(eid))
+            self.gateways.release(eid)
         log.info("deleted endpoint %s", eid)
 
     def endpoint_oper_info(self, req: p.EndpointRequest) -> dict:

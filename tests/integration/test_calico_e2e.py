@@ -185,14 +185,16 @@ def test_garbage_over_socket_gets_json_err(plugin):
                       ("/NetworkDriver.Join", b'{"NetworkID": "x", "EndpointID": "y",'
                                               b' "SandboxKey": "/nope"}'),
                       ("/NetworkDriver.DeleteNetwork", b"[1,2,3]"),
-                      ("/IpamDriver.RequestAddress", b"{}")]:
+                      ("/IpamDriver.RequestAddress", b"{}"),
+                      ("/IpamDriver.RequestPool", b'{"Pool": "10.0.0.0/33"}')]:
         status, body = plugin.call(path, raw=raw)
         assert status == 500 and body["Err"], (path, body)
     # An unknown endpoint: clear error, nothing created.
     status, body = plugin.call("/NetworkDriver.Join", {
         "NetworkID": "f" * 64, "EndpointID": "e" * 64, "SandboxKey": "/var/run/docker/netns/x"})
     assert status == 500 and "e" * 12 in body["Err"]
-    assert plugin.call("/Plugin.Activate") == (200, {"Implements": ["NetworkDriver"]})
+    assert plugin.call("/Plugin.Activate") == (
+        200, {"Implements": ["NetworkDriver", "IpamDriver"]})
 
 
 def test_datastore_down_gives_clear_error_and_recovers(lab, host_a, plugin, etcd_url):
@@ -234,3 +236,54 @@ def test_embedded_datastore_and_sigterm(host_b):
         rc = proc.stop(signal.SIGTERM)
     assert rc == 0, proc.log()
     assert not os.path.exists(proc.socket_path)
+
+
+def test_container_on_two_networks(host_a, plugin, etcd_url):
+    """`docker network connect`: a second Calico interface (next hop 169.254.1.2,
+    no "file exists"), peers on both networks reachable, clean disconnect."""
+    docker(host_a, "network", "create", "--driver=calico", "--subnet=192.168.30.0/24", "m1")
+    docker(host_a, "network", "create", "--driver=calico", "--subnet=192.168.31.0/24", "m2")
+    try:
+        docker(host_a, "run", "-d", "--net", "m1", "--name", "p1", "busybox", "sleep", "1d")
+        docker(host_a, "run", "-d", "--net", "m2", "--name", "p2", "busybox", "sleep", "1d")
+        docker(host_a, "run", "-d", "--net", "m1", "--name", "both", "busybox", "sleep", "1d")
+        docker(host_a, "network", "connect", "m2", "both")
+        ip1, ip2 = container_ip(host_a, "p1", "m1"), container_ip(host_a, "p2", "m2")
+        routes = docker(host_a, "exec", "both", "ip", "route").stdout
+        assert "default via 169.254.1.1 dev eth0" in routes
+        assert "169.254.1.2 dev eth1" in routes, routes
+        docker(host_a, "exec", "both", "ping", "-c1", "-W2", ip1)
+        docker(host_a, "exec", "both", "ping", "-c1", "-W2", ip2)
+        # Started with two networks at once: both Joins happen before the
+        # container's namespace exists.
+        docker(host_a, "create", "--net", "m1", "--name", "both2", "busybox", "sleep", "1d")
+        docker(host_a, "network", "connect", "m2", "both2")
+        docker(host_a, "start", "both2")
+        docker(host_a, "exec", "both2", "ping", "-c1", "-W2", ip1)
+        docker(host_a, "exec", "both2", "ping", "-c1", "-W2", ip2)
+        docker(host_a, "network", "disconnect", "m2", "both")
+        docker(host_a, "exec", "both", "ping", "-c1", "-W2", ip1)
+        assert "eth1" not in docker(host_a, "exec", "both", "ip", "link").stdout
+    finally:
+        docker(host_a, "rm", "-f", "p1", "p2", "both", "both2", check=False)
+        docker(host_a, "network", "rm", "m1", "m2", check=False)
+    assert "cali" not in host_links(host_a)
+    assert etcd_items(host_a, etcd_url) == {}
+
+
+def test_network_mtu_option(host_a, plugin, etcd_url):
+    r = docker(host_a, "network", "create", "--driver=calico", "--subnet=192.168.32.0/24",
+               "-o", "mtu=big", "badmtu", check=False)
+    assert r.returncode != 0 and "mtu" in r.stderr
+    docker(host_a, "network", "create", "--driver=calico", "--subnet=192.168.32.0/24",
+           "-o", "mtu=1280", "small")
+    try:
+        docker(host_a, "run", "-d", "--net", "small", "--name", "mt", "busybox", "sleep", "1d")
+        assert docker(host_a, "exec", "mt", "cat", "/sys/class/net/eth0/mtu").stdout.strip() \
+            == "1280"
+        links = host_a.run("ip", "-o", "link", "show").stdout
+        assert re.search(r"cali\w+@\w+: .* mtu 1280 ", links), links
+    finally:
+        docker(host_a, "rm", "-f", "mt", check=False)
+        docker(host_a, "network", "rm", "small", check=False)
+    assert etcd_items(host_a, etcd_url) == {}
