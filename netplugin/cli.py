@@ -149,6 +149,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = load_config(path)
         logging.basicConfig(level=cfg.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+        for warning in cfg.warnings:
+            log.warning("%s", warning)
         if args.check:
             print(f"{path}: ok ({describe(cfg)})")
             return 0

@@ -76,6 +76,8 @@ class Config:
     datastore: DatastoreConfig = field(default_factory=DatastoreConfig)
     calico: CalicoConfig = field(default_factory=CalicoConfig)
     nuage: NuageConfig = field(default_factory=NuageConfig)
+    #: Things worth telling the operator at start-up (not errors).
+    warnings: List[str] = field(default_factory=list)
 
     @property
     def driver_state_dir(self) -> str:
@@ -197,8 +199,11 @@ def parse_config(data: Dict[str, Any], path: str = "<config>") -> Config:
         raise ds.fail("timeout", f"must be positive, got {d.timeout}")
     ds.finish()
     if cfg.scope == "global" and d.type == "embedded":
-        raise ds.fail("type", "is 'embedded', but scope 'global' needs a datastore every "
-                      "host shares: use 'etcd' or 'consul'")
+        # Allowed (the seed Nuage plugin's file says Scope = "global" and names
+        # no datastore), but only this host will know the networks.
+        cfg.warnings.append(
+            f"{path}: scope 'global' with datastore type 'embedded': networks are "
+            "known on this host only; use 'etcd' or 'consul' to share them")
 
     ca = top.table_of("calico")
     cfg.calico.hostname = ca.pop("hostname", str, "") or default_hostname()

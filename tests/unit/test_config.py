@@ -80,7 +80,6 @@ Scope = "local"
     ('socket = "relative.sock"', ["'socket'", "absolute"]),
     ('colour = "blue"', ["'colour'", "unknown"]),
     ('[datastore]\nendpoints = "http://x"', ["'datastore.endpoints'", "list"]),
-    ('scope = "global"', ["'datastore.type'", "embedded", "etcd"]),
     ('datastore = 5', ["'datastore'", "table"]),
 ])
 def test_bad_values_name_key_and_value(text, words):
@@ -138,3 +137,10 @@ def test_example_configs_are_valid():
     assert names
     for name in names:
         load_config(os.path.join(cfgdir, name))
+
+
+def test_global_scope_with_embedded_store_warns():
+    cfg = config_from_text('scope = "global"', "g.cfg")
+    assert cfg.scope == "global"
+    assert any("embedded" in w and "this host only" in w for w in cfg.warnings)
+    assert config_from_text('scope = "global"\n[datastore]\ntype = "etcd"').warnings == []

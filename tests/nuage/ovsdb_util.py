@@ -1,0 +1,109 @@
+"""Tiny synchronous OVSDB client for test assertions (python-ovs JSON-RPC).
+
+Tests read OVSDB through the unix socket file of the lab's ovsdb-server (a
+file, so reachable from the test process) with one ``transact`` per call; the
+plugin under test never uses this module.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional
+
+import ovs.jsonrpc
+import ovs.poller
+import ovs.stream
+
+DB = "Open_vSwitch"
+
+
+class OvsdbError(RuntimeError):
+    pass
+
+
+def _request(remote: str, method: str, params: list, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    error, stream = ovs.stream.Stream.open_block(ovs.stream.Stream.open(remote),
+                                                 int(timeout * 1000))
+    if error:
+        raise OvsdbError(f"cannot connect to {remote}: {error}")
+    conn = ovs.jsonrpc.Connection(stream)
+    try:
+        req = ovs.jsonrpc.Message.create_request(method, params)
+        error = conn.send(req)
+        if error:
+            raise OvsdbError(f"{remote}: send failed: {error}")
+        while True:
+            error, msg = conn.recv()
+            if msg is not None:
+                if msg.id != req.id:
+                    continue
+                if msg.type == ovs.jsonrpc.Message.T_ERROR:
+                    raise OvsdbError(f"{remote}: {method} failed: {msg.error}")
+                return msg.result
+            if error and error != 11:  # EAGAIN
+                raise OvsdbError(f"{remote}: receive failed: {error}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise OvsdbError(f"{remote}: no answer to {method} in {timeout}s")
+            conn.run()
+            poller = ovs.poller.Poller()
+            conn.wait(poller)
+            conn.recv_wait(poller)
+            poller.timer_wait(int(remaining * 1000) + 1)
+            poller.block()
+    finally:
+        conn.close()
+
+
+def transact(remote: str, *ops: Dict[str, Any], timeout: float = 10.0) -> List[Any]:
+    result = _request(remote, "transact", [DB] + list(ops), timeout)
+    for op in result:
+        if isinstance(op, dict) and "error" in op:
+            raise OvsdbError(f"{remote}: transact failed: {op}")
+    return result
+
+
+def _atom(value: Any) -> Any:
+    """Decode OVSDB JSON: sets as lists, maps as dicts, uuids as strings."""
+    if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+        kind, inner = value
+        if kind == "set":
+            return [_atom(v) for v in inner]
+        if kind == "map":
+            return {_atom(k): _atom(v) for k, v in inner}
+        if kind in ("uuid", "named-uuid"):
+            return inner
+    return value
+
+
+def select(remote: str, table: str, where: Optional[list] = None,
+           columns: Optional[List[str]] = None, timeout: float = 10.0) -> List[Dict[str, Any]]:
+    """Rows of ``table`` as dicts (a one-element set comes back as a list too
+    for the set columns we know: ports, interfaces)."""
+    op: Dict[str, Any] = {"op": "select", "table": table, "where": where or []}
+    if columns is not None:
+        op["columns"] = columns
+    rows = transact(remote, op, timeout=timeout)[0]["rows"]
+    out = []
+    for row in rows:
+        decoded = {k: _atom(v) for k, v in row.items()}
+        for k in ("ports", "interfaces"):
+            if k in decoded and not isinstance(decoded[k], list):
+                decoded[k] = [decoded[k]]
+        out.append(decoded)
+    return out
+
+
+def list_tables(remote: str, timeout: float = 10.0) -> List[str]:
+    schema = _request(remote, "get_schema", [DB], timeout)
+    return sorted(schema["tables"])
+
+
+def bridge_port_names(remote: str, bridge: str) -> List[str]:
+    """Names of the Port rows in ``bridge``'s ports set."""
+    br = select(remote, "Bridge", [["name", "==", bridge]], ["ports"])
+    if not br:
+        return []
+    uuids = set(br[0]["ports"])
+    return sorted(p["name"] for p in select(remote, "Port", columns=["_uuid", "name"])
+                  if p["_uuid"] in uuids)
