@@ -12,7 +12,7 @@ import base64
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from netplugin.errors import InvalidRequest
 

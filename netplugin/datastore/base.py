@@ -11,9 +11,10 @@ means the store could not be reached or answered garbage.
 from __future__ import annotations
 
 import abc
+import logging
 import threading
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from netplugin.errors import PluginError
 
@@ -131,6 +132,30 @@ class Datastore(abc.ABC):
 
     def close(self) -> None:
         """Release connections and stop watches started by this object."""
+
+
+_log = logging.getLogger("netplugin.datastore")
+
+
+def diff_snapshot(known: Dict[str, int], items: List[Item], now: int) -> List[Event]:
+    """Events turning the state ``known`` (key -> version) into ``items``;
+    updates ``known`` in place.  Watches use it to resync from a listing."""
+    current = {i.key: i for i in items}
+    puts = sorted((i for i in items if known.get(i.key) != i.version),
+                  key=lambda i: (i.version, i.key))
+    events = [Event("put", i.key, i.value, i.version) for i in puts]
+    events += [Event("delete", k, None, now) for k in sorted(known) if k not in current]
+    known.clear()
+    known.update({i.key: i.version for i in items})
+    return events
+
+
+def deliver_event(callback: Callable[[Event], None], event: Event) -> None:
+    """Call a watch callback; a broken callback must not end the watch."""
+    try:
+        callback(event)
+    except Exception:
+        _log.exception("watch callback failed on %s", event)
 
 
 def normalize_prefix(prefix: str) -> str:

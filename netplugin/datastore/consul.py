@@ -30,7 +30,7 @@ import requests
 
 from netplugin.datastore.base import (
     CompareFailed, Datastore, DatastoreError, DatastoreUnavailable, Event, Item,
-    KeyExists, KeyNotFound, Watch, normalize_prefix)
+    KeyExists, KeyNotFound, Watch, deliver_event, diff_snapshot, normalize_prefix)
 
 _log = logging.getLogger(__name__)
 
@@ -323,14 +323,14 @@ class ConsulDatastore(Datastore):
                                                        wait=f"{WATCH_WAIT}s")
                         index = int(index)
                         items = self._items(entries, cp)
-                    events = _diff(state["known"], items, index)
+                    events = diff_snapshot(state["known"], items, index)
                     # an index going backwards means consul was reset: start over
                     state["index"] = 0 if index < state["index"] else max(index, 1)
                     delay = 0.2
                     for event in events:
                         if watch.stopped:
                             return
-                        _deliver(callback, event)
+                        deliver_event(callback, event)
                 except DatastoreUnavailable as e:
                     if watch.stopped:
                         break
@@ -355,23 +355,3 @@ def _close_client(client) -> None:
             session.close()
         except Exception:  # pragma: no cover - best effort
             pass
-
-
-def _diff(known: Dict[str, int], items: List[Item], now: int) -> List[Event]:
-    """Events turning the state ``known`` (key -> version) into ``items``;
-    updates ``known`` in place."""
-    current = {i.key: i for i in items}
-    puts = sorted((i for i in items if known.get(i.key) != i.version),
-                  key=lambda i: (i.version, i.key))
-    events = [Event("put", i.key, i.value, i.version) for i in puts]
-    events += [Event("delete", k, None, now) for k in sorted(known) if k not in current]
-    known.clear()
-    known.update({i.key: i.version for i in items})
-    return events
-
-
-def _deliver(callback, event: Event) -> None:
-    try:
-        callback(event)
-    except Exception:  # a broken callback must not end the watch
-        _log.exception("watch callback failed on %s", event)

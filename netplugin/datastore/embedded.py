@@ -16,11 +16,11 @@ import logging
 import os
 import sqlite3
 import threading
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from netplugin.datastore.base import (
     CompareFailed, Datastore, DatastoreError, DatastoreUnavailable, Event, Item,
-    KeyExists, KeyNotFound, Watch, normalize_prefix)
+    KeyExists, KeyNotFound, Watch, deliver_event, diff_snapshot, normalize_prefix)
 
 _log = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ class EmbeddedDatastore(Datastore):
             for event in events:
                 if watch.stopped:
                     return
-                _deliver(callback, event)
+                deliver_event(callback, event)
             watch.wait(delay)
 
     def _poll(self, conn, low: str, high: str, state) -> List[Event]:
@@ -348,7 +348,7 @@ class EmbeddedDatastore(Datastore):
         if last < compacted:
             # we fell behind the pruned change log: re-list and diff
             items = self._list(conn, low, high)
-            events = _diff(known, items, rev)
+            events = diff_snapshot(known, items, rev)
         else:
             events = [Event(action, key, value, r) for r, action, key, value in conn.execute(
                 "SELECT revision, action, key, value FROM changes"
@@ -375,23 +375,3 @@ class EmbeddedDatastore(Datastore):
                 c.close()
             except sqlite3.Error:
                 pass
-
-
-def _diff(known: Dict[str, int], items: List[Item], now: int) -> List[Event]:
-    """Events turning the state ``known`` (key -> version) into ``items``;
-    updates ``known`` in place."""
-    current = {i.key: i for i in items}
-    puts = sorted((i for i in items if known.get(i.key) != i.version),
-                  key=lambda i: (i.version, i.key))
-    events = [Event("put", i.key, i.value, i.version) for i in puts]
-    events += [Event("delete", k, None, now) for k in sorted(known) if k not in current]
-    known.clear()
-    known.update({i.key: i.version for i in items})
-    return events
-
-
-def _deliver(callback, event: Event) -> None:
-    try:
-        callback(event)
-    except Exception:  # a broken callback must not end the watch
-        _log.exception("watch callback failed on %s", event)

@@ -22,7 +22,7 @@ from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
 
 from netplugin.datastore.base import (
     CompareFailed, Datastore, DatastoreError, DatastoreUnavailable, Event, Item,
-    KeyExists, KeyNotFound, Watch, normalize_prefix)
+    KeyExists, KeyNotFound, Watch, deliver_event, diff_snapshot, normalize_prefix)
 
 _log = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ class EtcdDatastore(Datastore):
                         except (etcd.EtcdEventIndexCleared, etcd.EtcdWatcherCleared):
                             # fell out of etcd's event history: re-list and diff
                             items, index = self._list(client, p)
-                            events = _diff(state["known"], items, index)
+                            events = diff_snapshot(state["known"], items, index)
                             state["next"] = index + 1
                         else:
                             events = self._events(r, p, state)
@@ -359,7 +359,7 @@ class EtcdDatastore(Datastore):
         for event in events:
             if watch.stopped:
                 return
-            _deliver(callback, event)
+            deliver_event(callback, event)
 
     @staticmethod
     def _events(r, p: str, state) -> List[Event]:
@@ -397,23 +397,3 @@ class EtcdDatastore(Datastore):
                 client.http.clear()
             except Exception:  # pragma: no cover - best effort
                 pass
-
-
-def _diff(known: Dict[str, int], items: List[Item], now: int) -> List[Event]:
-    """Events turning the state ``known`` (key -> version) into ``items``;
-    updates ``known`` in place."""
-    current = {i.key: i for i in items}
-    puts = sorted((i for i in items if known.get(i.key) != i.version),
-                  key=lambda i: (i.version, i.key))
-    events = [Event("put", i.key, i.value, i.version) for i in puts]
-    events += [Event("delete", k, None, now) for k in sorted(known) if k not in current]
-    known.clear()
-    known.update({i.key: i.version for i in items})
-    return events
-
-
-def _deliver(callback, event: Event) -> None:
-    try:
-        callback(event)
-    except Exception:  # a broken callback must not end the watch
-        _log.exception("watch callback failed on %s", event)
