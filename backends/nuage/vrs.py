@@ -102,8 +102,13 @@ def _errstr(error) -> str:
     return str(error)
 
 
-def fetch_schema(remote: str, timeout: float) -> Dict[str, Any]:
-    """``get_schema Open_vSwitch`` over a throw-away connection, bounded."""
+class RpcError(VrsError):
+    """The OVSDB server answered a JSON-RPC request with an error."""
+
+
+def rpc_call(remote: str, method: str, params: list, timeout: float) -> Any:
+    """One JSON-RPC request over a throw-away connection, bounded by ``timeout``;
+    raise ``VrsUnavailable`` (unreachable, silent) or ``RpcError``."""
     deadline = time.monotonic() + timeout
     error, stream = ovs.stream.Stream.open_block(ovs.stream.Stream.open(remote),
                                                  max(1, int(timeout * 1000)))
@@ -111,7 +116,7 @@ def fetch_schema(remote: str, timeout: float) -> Dict[str, Any]:
         raise VrsUnavailable(f"cannot connect to VRS OVSDB at {remote}: {_errstr(error)}")
     conn = ovs.jsonrpc.Connection(stream)
     try:
-        req = ovs.jsonrpc.Message.create_request("get_schema", [DB_NAME])
+        req = ovs.jsonrpc.Message.create_request(method, params)
         error = conn.send(req)
         while True:
             if error and error != errno.EAGAIN:
@@ -123,8 +128,7 @@ def fetch_schema(remote: str, timeout: float) -> Dict[str, Any]:
                     error = 0
                     continue
                 if msg.type == ovs.jsonrpc.Message.T_ERROR:
-                    raise VrsUnavailable(f"OVSDB at {remote} has no {DB_NAME} database "
-                                         f"({msg.error}): is it a VRS?")
+                    raise RpcError(f"OVSDB at {remote}: {method} failed: {msg.error}")
                 return msg.result
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -137,6 +141,15 @@ def fetch_schema(remote: str, timeout: float) -> Dict[str, Any]:
             poller.block()
     finally:
         conn.close()
+
+
+def fetch_schema(remote: str, timeout: float) -> Dict[str, Any]:
+    """``get_schema Open_vSwitch`` over a throw-away connection, bounded."""
+    try:
+        return rpc_call(remote, "get_schema", [DB_NAME], timeout)
+    except RpcError as exc:
+        raise VrsUnavailable(f"OVSDB at {remote} has no {DB_NAME} database "
+                             f"({exc}): is it a VRS?") from None
 
 
 def schema_helper(schema_json: Dict[str, Any], remote: str):

@@ -6,12 +6,9 @@ plugin under test never uses this module.
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Dict, List, Optional
 
-import ovs.jsonrpc
-import ovs.poller
-import ovs.stream
+from backends.nuage.vrs import VrsError, rpc_call
 
 DB = "Open_vSwitch"
 
@@ -21,38 +18,10 @@ class OvsdbError(RuntimeError):
 
 
 def _request(remote: str, method: str, params: list, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    error, stream = ovs.stream.Stream.open_block(ovs.stream.Stream.open(remote),
-                                                 int(timeout * 1000))
-    if error:
-        raise OvsdbError(f"cannot connect to {remote}: {error}")
-    conn = ovs.jsonrpc.Connection(stream)
     try:
-        req = ovs.jsonrpc.Message.create_request(method, params)
-        error = conn.send(req)
-        if error:
-            raise OvsdbError(f"{remote}: send failed: {error}")
-        while True:
-            error, msg = conn.recv()
-            if msg is not None:
-                if msg.id != req.id:
-                    continue
-                if msg.type == ovs.jsonrpc.Message.T_ERROR:
-                    raise OvsdbError(f"{remote}: {method} failed: {msg.error}")
-                return msg.result
-            if error and error != 11:  # EAGAIN
-                raise OvsdbError(f"{remote}: receive failed: {error}")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise OvsdbError(f"{remote}: no answer to {method} in {timeout}s")
-            conn.run()
-            poller = ovs.poller.Poller()
-            conn.wait(poller)
-            conn.recv_wait(poller)
-            poller.timer_wait(int(remaining * 1000) + 1)
-            poller.block()
-    finally:
-        conn.close()
+        return rpc_call(remote, method, params, timeout)
+    except VrsError as exc:
+        raise OvsdbError(str(exc)) from None
 
 
 def transact(remote: str, *ops: Dict[str, Any], timeout: float = 10.0) -> List[Any]:
