@@ -24,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 from netplugin import linux
@@ -182,7 +183,18 @@ class CalicoBackend(CalicoIpamDriver, Backend):
 
     def run_agent(self, stop) -> None:
         from backends.calico.agent import PolicyAgent
+        from backends.calico.audit import audit_at_startup  # logs failures, never raises
+        # The audit waits a grace period between its two looks: run it beside
+        # the policy agent, so isolation is enforced from the first moment.
+        threading.Thread(target=audit_at_startup, args=(self, stop),
+                         name="startup-audit", daemon=True).start()
         PolicyAgent(self.datastore, self.hostname).run(stop)
+
+    def audit(self, dry_run: bool = False) -> dict:
+        """Remove endpoint records, veths and Calico IPAM addresses Docker no
+        longer knows (backends/calico/audit.py has the safety rules)."""
+        from backends.calico.audit import audit
+        return audit(self, dry_run=dry_run)
 
     # networks -------------------------------------------------------------
     def _validate_network(self, req: p.CreateNetworkRequest
