@@ -638,6 +638,10 @@ def test_startup_audit_removes_leaks(env, monkeypatch):
     monkeypatch.setattr(audit_mod, "delete_device", env.delete_device)
     monkeypatch.setenv(audit_mod.GRACE_ENV, "0")
     env.backend.run_agent(threading.Event())
+    # The audit runs beside the policy agent (which must not wait for it).
+    for t in threading.enumerate():
+        if t.name == "startup-audit":
+            t.join(30)
     assert env.endpoint_ids() == [] and env.allocated() == set() and env.devices == []
 
 
