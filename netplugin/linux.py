@@ -311,3 +311,54 @@ def ensure_sysctl(name: str, value) -> bool:
 def ipv6_available() -> bool:
     """True if the kernel has IPv6 (``/proc/sys/net/ipv6`` exists)."""
     return os.path.isdir(os.path.join(PROC_SYS, "net", "ipv6"))
+
+
+# --------------------------------------------------------------------------
+# IPv6 proxy neighbour entries (`ip -6 neigh add proxy ADDR dev IF`)
+
+
+def add_proxy_neighbour(address: str, ifname: str) -> None:
+    """Answer neighbour solicitations for ``address`` on ``ifname`` (the link
+    also needs ``net/ipv6/conf/IF/proxy_ndp = 1``).  Idempotent."""
+    from pyroute2.netlink.rtnl.ndmsg import NTF_PROXY
+
+    _check_ifname(ifname)
+    with _netlink(f"add proxy neighbour {address} dev {ifname}") as ipr:
+        idx = _require_index(ipr, ifname)
+        ipr.neigh("replace", dst=address, ifindex=idx, family=socket.AF_INET6,
+                  flags=NTF_PROXY)
+
+
+def delete_proxy_neighbour(address: str, ifname: str) -> bool:
+    """Remove a proxy entry; False if the link or the entry is gone."""
+    from pyroute2.netlink.rtnl.ndmsg import NTF_PROXY
+
+    _check_ifname(ifname)
+    with _netlink(f"delete proxy neighbour {address} dev {ifname}") as ipr:
+        idx = _index(ipr, ifname)
+        if idx is None:
+            return False
+        try:
+            ipr.neigh("del", dst=address, ifindex=idx, family=socket.AF_INET6,
+                      flags=NTF_PROXY)
+        except NetlinkError as exc:
+            if exc.code in (errno.ENOENT, errno.ESRCH):
+                return False
+            raise
+    return True
+
+
+def list_proxy_neighbours() -> List[tuple]:
+    """``(ifname, address)`` of every IPv6 proxy neighbour entry.  pyroute2's
+    dump cannot ask the kernel for proxy entries (NTF_PROXY in the request
+    header), so this one reads ``ip -j -6 neigh show proxy``."""
+    import json
+    import subprocess
+
+    try:
+        out = subprocess.run(["ip", "-j", "-6", "neigh", "show", "proxy"], check=True,
+                             capture_output=True, text=True, timeout=10).stdout
+        entries = json.loads(out or "[]")
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        raise PluginError(f"cannot list proxy neighbours: {exc}") from exc
+    return [(e["dev"], e["dst"]) for e in entries if "dev" in e and "dst" in e]

@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from netplugin.datastore.base import DatastoreError, Event
 
-from backends.calico import policy
+from backends.calico import ndp, policy
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +269,10 @@ class PolicyAgent:
     def _recompute(self, profiles, hosts, groups, force: bool) -> bool:
         """Compile and apply (unless unchanged and not ``force``); False on failure."""
         started = time.monotonic()
+        try:
+            ndp.sync(ndp.desired_entries(hosts, self.hostname))
+        except Exception as exc:  # IPv6 neighbours must not stop the policy
+            log.warning("cannot sync IPv6 proxy neighbours: %s", exc)
         try:
             ruleset = policy.compile_items(profiles, hosts, self.hostname, groups)
         except Exception:   # a compiler bug must not take the agent down

@@ -380,6 +380,9 @@ class CalicoBackend(CalicoIpamDriver, Backend):
                 linux.replace_host_route(net, host)
             if ipv6:
                 linux.ensure_sysctl("net/ipv6/conf/all/forwarding", 1)
+                # On-link peers (Docker IPAM's /64): the agent adds a proxy
+                # entry per peer address (backends/calico/ndp.py).
+                linux.write_sysctl(f"net/ipv6/conf/{host}/proxy_ndp", 1)
                 linux.add_address(host, GATEWAY_V6_CIDR, nodad=True)
                 for net in ipv6:
                     linux.replace_host_route(net, host)

@@ -340,12 +340,12 @@ def test_ipv6_isolation_and_profile_edit(env, v6env):
     assert sorted(s[f"t6-{net6a}"]) == sorted([v6["x1"], v6["x2"]])
 
 
-@pytest.mark.xfail(reason="the driver adds no proxy NDP entries: a container's "
-                          "on-link neighbour solicitation for a same-subnet peer is "
-                          "never answered (not a policy matter)", strict=False)
 def test_ipv6_within_network(env, v6env):
+    """Docker IPAM's /64: the containers solicit each other on the link and the
+    host veths answer by proxy NDP (backends/calico/ndp.py)."""
     h, v6 = env["host"], v6env["v6"]
     assert ping(h, "x1", v6["x2"], timeout=2)
+    assert ping(h, "x2", v6["x1"], timeout=2)
 
 
 def test_all_removed_leaves_no_endpoint_chains(env, v6env, etcd_url, plugin):
