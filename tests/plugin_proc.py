@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -82,9 +83,12 @@ class PluginProcess:
             return ""
 
     def costs(self, call_name: str):
-        """(R, W, D) of every logged successful ``call_name`` (e.g. "Join")."""
+        """(R, W, D) of every logged successful call: "Join" means
+        NetworkDriver.Join; IPAM calls are named in full ("IpamDriver.RequestAddress")."""
         out = []
-        pattern = re.compile(r"NetworkDriver\.%s .*ok in .*\(datastore (\d+)R (\d+)W (\d+)D\)"
+        if "." not in call_name:
+            call_name = "NetworkDriver." + call_name
+        pattern = re.compile(r"%s .*ok in .*\(datastore (\d+)R (\d+)W (\d+)D\)"
                              % re.escape(call_name))
         for line in self.log().splitlines():
             m = pattern.search(line)
@@ -101,3 +105,45 @@ class PluginProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             return self.proc.wait(10)
+
+
+# --------------------------------------------------------------------------
+# Reading the lab's etcd and Docker's view from the tests.  etcd lives in the
+# lab: the machine's own namespace cannot reach it, so these run inside a host.
+
+_STORE = ("import json, sys\n"
+          "from netplugin.config import DatastoreConfig\n"
+          "from netplugin.datastore import open_datastore\n"
+          "s = open_datastore(DatastoreConfig(type='etcd', endpoints=[sys.argv[1]]))\n"
+          "op = sys.argv[2]\n"
+          "if op == 'list':\n"
+          "    print(json.dumps({i.key: i.value for i in s.list_prefix(sys.argv[3])}))\n"
+          "elif op == 'get':\n"
+          "    print(s.get(sys.argv[3]).value)\n"
+          "elif op == 'put':\n"
+          "    s.put(sys.argv[3], sys.argv[4])\n"
+          "elif op == 'delete':\n"
+          "    s.delete(sys.argv[3])\n"
+          "elif op == 'rmtree':\n"
+          "    s.delete_prefix(sys.argv[3])\n"
+          "elif op == 'assign':\n"
+          "    from backends.calico.ipam import CalicoIpam\n"
+          "    print(CalicoIpam(s).auto_assign_one(4, sys.argv[3]))\n")
+
+
+def store(host, url, *args):
+    """A datastore operation (list/get/put/delete/rmtree/assign) from inside
+    ``host`` on the etcd at ``url``; returns its stdout."""
+    return host.run(sys.executable, "-c", _STORE, url, *args).stdout
+
+
+def etcd_items(host, url, prefix="/calico"):
+    """Every key under ``prefix`` (key -> value), host publications
+    (``/calico/v1/host/<h>/bird_ip``) left out: they outlive containers."""
+    items = json.loads(store(host, url, "list", prefix))
+    return {k: v for k, v in items.items() if not k.endswith("/bird_ip")}
+
+
+def container_ip(host, name, network):
+    out = host.docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", name).stdout
+    return json.loads(out)[network]["IPAddress"]

@@ -5,13 +5,12 @@ import json
 import re
 import os
 import signal
-import sys
 import time
 
 import pytest
 
 from netplugin.config import DatastoreConfig
-from tests.plugin_proc import PluginProcess
+from tests.plugin_proc import PluginProcess, container_ip, etcd_items
 
 pytestmark = pytest.mark.integration
 
@@ -57,32 +56,12 @@ def docker(host, *args, **kw):
     return host.docker(*args, **kw)
 
 
-def container_ip(host, name, network):
-    out = docker(host, "inspect", "-f",
-                 "{{json .NetworkSettings.Networks}}", name).stdout
-    return json.loads(out)[network]["IPAddress"]
-
-
 def host_links(host):
     return host.run("ip", "-o", "link", "show").stdout
 
 
 def host_routes(host):
     return host.run("ip", "-4", "route", "show").stdout
-
-
-_DUMP = ("import json, sys\n"
-         "from netplugin.config import DatastoreConfig\n"
-         "from netplugin.datastore import open_datastore\n"
-         "s = open_datastore(DatastoreConfig(type='etcd', endpoints=[sys.argv[1]]))\n"
-         "print(json.dumps({i.key: i.value for i in s.list_prefix(sys.argv[2])}))\n")
-
-
-def etcd_items(host, url, prefix="/calico"):
-    """Every key under ``prefix`` in the lab's etcd, read from inside ``host``
-    (etcd lives in the lab; the machine's namespace cannot reach it)."""
-    out = host.run(sys.executable, "-c", _DUMP, url, prefix).stdout
-    return json.loads(out)
 
 
 def wait_gone(fn, timeout=10.0):

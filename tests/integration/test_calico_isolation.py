@@ -8,12 +8,11 @@ closes paths within seconds; chains follow containers as they come and go.
 Nothing here runs in the machine's own network namespace."""
 import json
 import signal
-import sys
 import time
 
 import pytest
 
-from tests.plugin_proc import PluginProcess
+from tests.plugin_proc import PluginProcess, etcd_items, store
 
 pytestmark = pytest.mark.integration
 
@@ -34,28 +33,6 @@ TABLE = ("inet", "netplugin_calico")
 FIXED_CHAINS = {"forward", "input", "from-wl", "to-wl", "from-wl-host"}
 OPEN_WITHIN = 5.0     # seconds a profile edit may take to reach the data path
 PORT = 8080
-
-_STORE = ("import json, sys\n"
-          "from netplugin.config import DatastoreConfig\n"
-          "from netplugin.datastore import open_datastore\n"
-          "s = open_datastore(DatastoreConfig(type='etcd', endpoints=[sys.argv[1]]))\n"
-          "op = sys.argv[2]\n"
-          "if op == 'list':\n"
-          "    print(json.dumps({i.key: i.value for i in s.list_prefix(sys.argv[3])}))\n"
-          "elif op == 'get':\n"
-          "    print(s.get(sys.argv[3]).value)\n"
-          "elif op == 'put':\n"
-          "    s.put(sys.argv[3], sys.argv[4])\n")
-
-
-def store(host, url, *args):
-    """Datastore operation from inside ``host`` (etcd lives in the lab)."""
-    return host.run(sys.executable, "-c", _STORE, url, *args).stdout
-
-
-def etcd_items(host, url, prefix="/calico"):
-    return json.loads(store(host, url, "list", prefix))
-
 
 def rules_key(nid):
     return f"/calico/v1/policy/profile/{nid}/rules"

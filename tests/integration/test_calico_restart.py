@@ -21,13 +21,12 @@ import json
 import os
 import signal
 import socketserver
-import sys
 import threading
 import time
 
 import pytest
 
-from tests.plugin_proc import LAUNCHER, PluginProcess
+from tests.plugin_proc import LAUNCHER, PluginProcess, container_ip, etcd_items, store
 
 pytestmark = pytest.mark.integration
 
@@ -50,33 +49,6 @@ POOL = "10.88.0.0/16"               # Calico IPAM pool
 DSUBNET = "192.168.60.0/24"         # Docker IPAM network
 GRACE = "1"                         # seconds between the audit's two looks
 EP_DIR = "/calico/v1/host/{host}/workload/libnetwork/libnetwork/endpoint/"
-
-_STORE = ("import json, sys\n"
-          "from netplugin.config import DatastoreConfig\n"
-          "from netplugin.datastore import open_datastore\n"
-          "s = open_datastore(DatastoreConfig(type='etcd', endpoints=[sys.argv[1]]))\n"
-          "op = sys.argv[2]\n"
-          "if op == 'list':\n"
-          "    print(json.dumps({i.key: i.value for i in s.list_prefix(sys.argv[3])}))\n"
-          "elif op == 'put':\n"
-          "    s.put(sys.argv[3], sys.argv[4])\n"
-          "elif op == 'delete':\n"
-          "    s.delete(sys.argv[3])\n"
-          "elif op == 'rmtree':\n"
-          "    s.delete_prefix(sys.argv[3])\n"
-          "elif op == 'assign':\n"
-          "    from backends.calico.ipam import CalicoIpam\n"
-          "    print(CalicoIpam(s).auto_assign_one(4, sys.argv[3]))\n")
-
-
-def store(host, url, *args):
-    """Datastore operation from inside ``host`` (etcd lives in the lab)."""
-    return host.run(sys.executable, "-c", _STORE, url, *args).stdout
-
-
-def etcd_items(host, url, prefix):
-    return json.loads(store(host, url, "list", prefix))
-
 
 def endpoint_records(host, url):
     items = etcd_items(host, url, EP_DIR.format(host=host.name))
@@ -114,11 +86,6 @@ def docker_endpoints(host):
         for ep in containers.values():
             out[ep["EndpointID"]] = ep["IPv4Address"].split("/")[0]
     return out
-
-
-def container_ip(host, name, network):
-    out = host.docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", name).stdout
-    return json.loads(out)[network]["IPAddress"]
 
 
 def endpoint_id(host, name, network):
