@@ -6,6 +6,7 @@ and the value; ``netplugin.cli`` prints it and exits non-zero.  See README.md
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import sys
@@ -49,6 +50,7 @@ class CalicoConfig:
     mtu: int = 1500
     docker_endpoint: str = "unix:///var/run/docker.sock"  # for the leak audit
     docker_timeout: float = 5.0
+    ip: str = ""    # address published as bird_ip; "" = auto-detect (backends/calico/routes.py)
 
 
 @dataclass
@@ -218,6 +220,13 @@ def parse_config(data: Dict[str, Any], path: str = "<config>") -> Config:
     if not 0 < cfg.calico.docker_timeout <= 300:
         raise ca.fail("docker_timeout", "must be between 0 and 300 seconds, got "
                       f"{cfg.calico.docker_timeout}")
+    cfg.calico.ip = ca.pop("ip", str, cfg.calico.ip).strip()
+    if cfg.calico.ip:
+        try:
+            cfg.calico.ip = str(ipaddress.IPv4Address(cfg.calico.ip))
+        except ValueError:
+            raise ca.fail("ip", "must be this host's IPv4 address (or absent: "
+                          f"auto-detect), got {cfg.calico.ip!r}") from None
     ca.finish()
 
     nu_table = top.table.pop("nuage", {})

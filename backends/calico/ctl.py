@@ -68,6 +68,7 @@ from netplugin.errors import ConfigError, PluginError
 
 from backends.calico import ipam as ci
 from backends.calico import keys
+from backends.calico.routes import RTPROT_NETPLUGIN, bird_ip_host
 
 log = logging.getLogger("netpluginctl")
 
@@ -1076,6 +1077,27 @@ class Ctl:
             except CtlError as exc:
                 errors.append(str(exc))
         status["routes"] = routes
+        # Cross-host routes the agent keeps (backends/calico/routes.py), and the
+        # addresses hosts publish as bird_ip (calicoctl status shows BGP peers).
+        cross: List[Dict[str, Any]] = []
+        try:
+            for r in ip_json("route", "show", "proto", str(RTPROT_NETPLUGIN)):
+                cross.append({"dst": r.get("dst"), "via": r.get("gateway"),
+                              "dev": r.get("dev")})
+        except CtlError as exc:
+            errors.append(str(exc))
+        status["cross_host_routes"] = cross
+        peers: List[Dict[str, Any]] = []
+        if ds["ok"]:
+            try:
+                for item in self.store.list_prefix(keys.HOST_ROOT + "/"):
+                    host = bird_ip_host(item.key)
+                    if host is not None:
+                        peers.append({"host": host, "ip": item.value,
+                                      "self": host == self.hostname})
+            except PluginError as exc:
+                ds.update(ok=False, error=str(exc))
+        status["hosts"] = sorted(peers, key=lambda p: p["host"])
         endpoints = []
         if ds["ok"]:
             try:
@@ -1135,6 +1157,17 @@ class Ctl:
         if st["routes"]:
             lines.append(format_table(["Destination", "Interface"],
                                       [[r["dst"], r["dev"]] for r in st["routes"]]))
+        lines += ["", f"Hosts publishing an address (bird_ip): {len(st['hosts'])}"]
+        if st["hosts"]:
+            lines.append(format_table(["Host", "Address", ""],
+                                      [[h["host"], h["ip"], "(this host)" if h["self"] else ""]
+                                       for h in st["hosts"]]))
+        lines += ["", f"Cross-host routes (proto {RTPROT_NETPLUGIN}): "
+                      f"{len(st['cross_host_routes'])}"]
+        if st["cross_host_routes"]:
+            lines.append(format_table(["Destination", "Via", "Interface"],
+                                      [[r["dst"], r["via"] or "", r["dev"] or ""]
+                                       for r in st["cross_host_routes"]]))
         for err in st.get("errors", []):
             lines.append(f"warning: {err}")
         self.emit("\n".join(lines))

@@ -188,7 +188,22 @@ class CalicoBackend(CalicoIpamDriver, Backend):
         # the policy agent, so isolation is enforced from the first moment.
         threading.Thread(target=audit_at_startup, args=(self, stop),
                          name="startup-audit", daemon=True).start()
-        PolicyAgent(self.datastore, self.hostname).run(stop)
+        # Cross-host routes (routes.py) beside it, for global-scope networks
+        # only (a local-scope network exists on one host); stopped with this
+        # call so a restarted run_agent never runs two of them.
+        from backends.calico.routes import RouteAgent
+        routes = route_thread = None
+        if self.config.scope == "global":
+            routes = RouteAgent(self.datastore, self.hostname, self.config.calico.ip)
+            route_thread = threading.Thread(target=routes.run, args=(stop,),
+                                            name="route-agent", daemon=True)
+            route_thread.start()
+        try:
+            PolicyAgent(self.datastore, self.hostname).run(stop)
+        finally:
+            if routes is not None:
+                routes.stop()
+                route_thread.join(10)
 
     def audit(self, dry_run: bool = False) -> dict:
         """Remove endpoint records, veths and Calico IPAM addresses Docker no

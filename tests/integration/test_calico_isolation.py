@@ -31,7 +31,8 @@ hostname = "{hostname}"
 
 TABLE = ("inet", "netplugin_calico")
 FIXED_CHAINS = {"forward", "input", "from-wl", "to-wl", "from-wl-host"}
-OPEN_WITHIN = 5.0     # seconds a profile edit may take to reach the data path
+OPEN_WITHIN = 10.0    # seconds a profile edit may take to reach the data path
+                      # (a correctness bound, not a speed target: it includes docker exec)
 PORT = 8080
 
 def rules_key(nid):
@@ -76,13 +77,14 @@ def tcp(host, client, server, ip):
     """Connect from ``client`` to ``server``'s listener at ``ip``; True when the
     connection worked and the server got our token."""
     token = f"hello-{client}-{time.monotonic_ns()}"
-    for _ in range(5):
-        started = time.monotonic()
-        r = host.docker("exec", client, "sh", "-c", f"echo {token} | nc -w 2 {ip} {PORT}",
-                        check=False)
-        # A blocked SYN takes the whole -w 2 timeout; a quick failure is a
-        # refusal (the server loop restarting nc between two clients): retry.
-        if r.returncode == 0 or time.monotonic() - started > 1.5:
+    for _ in range(10):
+        r = host.docker("exec", client, "sh", "-c",
+                        f"echo {token} | nc -w 2 {ip} {PORT} 2>&1", check=False)
+        # A dropped SYN times out; "Connection refused" only means the server
+        # loop is restarting nc between two clients (the policy drops, it
+        # never rejects): retry then.  Decided on nc's message, not on timing,
+        # so a slow machine cannot turn a refusal into a "blocked".
+        if r.returncode == 0 or "refused" not in (r.stdout + r.stderr).lower():
             break
         time.sleep(0.2)
     if r.returncode != 0:

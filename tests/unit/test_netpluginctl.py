@@ -789,8 +789,16 @@ def test_status_in_process(env, fake_plugin):
         ("route", "show"): [{"dst": "default", "gateway": "10.1.1.1", "dev": "eth0"},
                             {"dst": "10.0.0.1", "dev": "cali" + EID1[:11], "scope": "link"}],
         ("-6", "route", "show"): [{"dst": "fd00::1", "dev": "cali" + EID1[:11]}],
+        ("route", "show", "proto", "78"): [
+            {"dst": "10.0.1.0/26", "gateway": "10.99.0.12", "dev": "eth0"}],
     })
+    env.store.put(f"/calico/v1/host/{HOST}/bird_ip", "10.99.0.11")
+    env.store.put(f"/calico/v1/host/{OTHER}/bird_ip", "10.99.0.12")
     st = env.json("status")
+    assert st["hosts"] == [{"host": HOST, "ip": "10.99.0.11", "self": True},
+                           {"host": OTHER, "ip": "10.99.0.12", "self": False}]
+    assert st["cross_host_routes"] == [
+        {"dst": "10.0.1.0/26", "via": "10.99.0.12", "dev": "eth0"}]
     assert st["ok"] is True and st["hostname"] == HOST
     assert st["datastore"]["ok"] is True
     assert st["plugin"] == {"socket": fake_plugin, "ok": True,
@@ -806,6 +814,8 @@ def test_status_in_process(env, fake_plugin):
     assert "answering (implements NetworkDriver, IpamDriver)" in out
     assert "Endpoints on host-a: 2" in out and "NO: 10.0.0.2/32" in out
     assert "Routes via cali* interfaces: 2" in out
+    assert "Hosts publishing an address (bird_ip): 2" in out and "(this host)" in out
+    assert "Cross-host routes (proto 78): 1" in out and "10.99.0.12" in out
 
 
 def test_status_reports_what_is_down(tmp_path, capsys):
