@@ -107,6 +107,16 @@ class PluginProcess:
             return self.proc.wait(10)
 
 
+def etcd_config(url: str, hostname: str, scope: str = "local", **calico: Any) -> str:
+    """A Calico plugin config on the lab's etcd at ``url``; ``calico`` adds
+    keys of the ``[calico]`` table (strings quoted, numbers as they are)."""
+    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in calico.items())
+    return (f'scope = "{scope}"\nbackend = "calico"\n'
+            'socket = "/run/docker/plugins/calico.sock"\nlog_level = "info"\n'
+            f'[datastore]\ntype = "etcd"\nendpoints = ["{url}"]\ntimeout = 3.0\n'
+            f'[calico]\nhostname = "{hostname}"\n{extra}')
+
+
 # --------------------------------------------------------------------------
 # Reading the lab's etcd and Docker's view from the tests.  etcd lives in the
 # lab: the machine's own namespace cannot reach it, so these run inside a host.

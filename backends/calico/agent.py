@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from netplugin.datastore.base import DatastoreError, Event
+from netplugin.datastore.base import DatastoreError, Event, watching
 
 from backends.calico import ndp, policy
 
@@ -159,21 +159,12 @@ class PolicyAgent:
     # -- main loop -------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         self._fail_closed_start()
-        watches = []
-        try:
-            for prefix in PREFIXES:
-                watches.append(self.datastore.watch_prefix(
-                    prefix, lambda ev, p=prefix: self._on_event(p, ev)))
+        with watching(self.datastore, {p: (lambda ev, p=p: self._on_event(p, ev))
+                                       for p in PREFIXES}):
             stopper = threading.Thread(target=self._wake_on_stop, args=(stop,),
                                        name="policy-agent-stop", daemon=True)
             stopper.start()
             self._loop(stop)
-        finally:
-            for w in watches:
-                try:
-                    w.stop()
-                except Exception:  # pragma: no cover - best effort
-                    log.debug("cannot stop watch", exc_info=True)
 
     def _wake_on_stop(self, stop: threading.Event) -> None:
         stop.wait()

@@ -37,7 +37,7 @@ import socket
 import threading
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from netplugin.datastore.base import DatastoreError, Event
+from netplugin.datastore.base import DatastoreError, Event, watching
 
 from backends.calico import keys
 
@@ -321,36 +321,35 @@ class RouteAgent:
             log.info("auto-detected this host's address %s (set [calico] ip to choose)",
                      self.ip)
         log.info("route agent for host %s (%s) starting", self.hostname, self.ip)
-        watches = []
         try:
-            for prefix in (HOST_ROOT, AFFINITY_ROOT):
-                watches.append(self.datastore.watch_prefix(prefix, self._on_event))
-            retry = 0.5
-            while not self._stopping(stop):
-                self._wake.clear()
-                try:
-                    self.sync()
-                    retry = 0.5
-                    woken = self._sleep(stop, self.resync_interval)
-                except (DatastoreError, OSError) as exc:
-                    log.warning("route sync failed (%s); retrying in %.1f s", exc, retry)
-                    woken = self._sleep(stop, retry)
-                    retry = min(retry * 2, self.max_retry)
-                except Exception:
-                    log.exception("route sync crashed; retrying in %.1f s", retry)
-                    woken = self._sleep(stop, retry)
-                    retry = min(retry * 2, self.max_retry)
-                if woken and not self._stopping(stop):
-                    # let a burst of events settle (one reconcile for many)
-                    for _ in range(50):     # at most ~50 quiet periods
-                        if not self._wake.is_set() or self._stopping(stop):
-                            break
-                        self._wake.clear()
-                        (stop if stop.is_set() else self._halt).wait(self.quiet)
+            with watching(self.datastore, {HOST_ROOT: self._on_event,
+                                           AFFINITY_ROOT: self._on_event}):
+                self._loop(stop)
         finally:
-            for w in watches:
-                try:
-                    w.stop()
-                except Exception:  # pragma: no cover - best effort
-                    log.debug("cannot stop watch", exc_info=True)
             log.info("route agent stopped (routes left in place)")
+
+    def _loop(self, stop: threading.Event) -> None:
+        """Reconcile now, after every burst of events, every
+        ``resync_interval`` and (with back-off) after a failure."""
+        retry = 0.5
+        while not self._stopping(stop):
+            self._wake.clear()
+            try:
+                self.sync()
+                retry = 0.5
+                woken = self._sleep(stop, self.resync_interval)
+            except (DatastoreError, OSError) as exc:
+                log.warning("route sync failed (%s); retrying in %.1f s", exc, retry)
+                woken = self._sleep(stop, retry)
+                retry = min(retry * 2, self.max_retry)
+            except Exception:
+                log.exception("route sync crashed; retrying in %.1f s", retry)
+                woken = self._sleep(stop, retry)
+                retry = min(retry * 2, self.max_retry)
+            if woken and not self._stopping(stop):
+                # let a burst of events settle (one reconcile for many)
+                for _ in range(50):     # at most ~50 quiet periods
+                    if not self._wake.is_set() or self._stopping(stop):
+                        break
+                    self._wake.clear()
+                    (stop if stop.is_set() else self._halt).wait(self.quiet)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from netplugin.datastore.base import (  # noqa: F401  (re-exported)
     CompareFailed, Datastore, DatastoreError, DatastoreUnavailable, Event, Item,
-    KeyExists, KeyNotFound, Watch, normalize_prefix)
+    KeyExists, KeyNotFound, Watch, normalize_prefix, watching)
 from netplugin.datastore.counting import CountingDatastore  # noqa: F401
 
 if TYPE_CHECKING:  # pragma: no cover

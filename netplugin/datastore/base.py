@@ -11,10 +11,11 @@ means the store could not be reached or answered garbage.
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Mapping, Optional
 
 from netplugin.errors import PluginError
 
@@ -156,6 +157,24 @@ def deliver_event(callback: Callable[[Event], None], event: Event) -> None:
         callback(event)
     except Exception:
         _log.exception("watch callback failed on %s", event)
+
+
+@contextlib.contextmanager
+def watching(datastore: "Datastore",
+             callbacks: Mapping[str, Callable[[Event], None]]) -> Iterator[List[Watch]]:
+    """Watch every prefix of ``callbacks`` (prefix -> callback) for the
+    duration of the ``with`` block; every watch is stopped when it ends."""
+    watches: List[Watch] = []
+    try:
+        for prefix, callback in callbacks.items():
+            watches.append(datastore.watch_prefix(prefix, callback))
+        yield watches
+    finally:
+        for w in watches:
+            try:
+                w.stop()
+            except Exception:  # pragma: no cover - best effort
+                _log.debug("cannot stop a watch", exc_info=True)
 
 
 def normalize_prefix(prefix: str) -> str:

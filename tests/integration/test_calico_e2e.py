@@ -10,22 +10,10 @@ import time
 import pytest
 
 from netplugin.config import DatastoreConfig
-from tests.plugin_proc import PluginProcess, container_ip, etcd_items
+from tests.plugin_proc import PluginProcess, container_ip, etcd_config, etcd_items
 
 pytestmark = pytest.mark.integration
 
-ETCD_CONFIG = """
-scope = "local"
-backend = "calico"
-socket = "/run/docker/plugins/calico.sock"
-log_level = "info"
-[datastore]
-type = "etcd"
-endpoints = ["{etcd}"]
-timeout = 3.0
-[calico]
-hostname = "{hostname}"
-"""
 
 EMBEDDED_CONFIG = """
 backend = "calico"
@@ -46,7 +34,7 @@ def _store(ds_cfg):
 @pytest.fixture(scope="module")
 def plugin(host_a, etcd_url):
     """The plugin on etcd, serving host_a's dockerd for the whole module."""
-    proc = PluginProcess(host_a, ETCD_CONFIG.format(etcd=etcd_url, hostname=host_a.name))
+    proc = PluginProcess(host_a, etcd_config(etcd_url, host_a.name))
     proc.start()
     yield proc
     proc.stop()

@@ -12,22 +12,10 @@ import time
 
 import pytest
 
-from tests.plugin_proc import PluginProcess, etcd_items, store
+from tests.plugin_proc import PluginProcess, etcd_config, etcd_items, store
 
 pytestmark = pytest.mark.integration
 
-CONFIG = """
-scope = "local"
-backend = "calico"
-socket = "/run/docker/plugins/calico.sock"
-log_level = "info"
-[datastore]
-type = "etcd"
-endpoints = ["{etcd}"]
-timeout = 3.0
-[calico]
-hostname = "{hostname}"
-"""
 
 TABLE = ("inet", "netplugin_calico")
 FIXED_CHAINS = {"forward", "input", "from-wl", "to-wl", "from-wl-host"}
@@ -124,7 +112,7 @@ def host(make_host):
 
 @pytest.fixture(scope="module")
 def plugin(host, etcd_url):
-    proc = PluginProcess(host, CONFIG.format(etcd=etcd_url, hostname=host.name))
+    proc = PluginProcess(host, etcd_config(etcd_url, host.name))
     proc.start()
     yield proc
     proc.stop()

@@ -11,12 +11,11 @@ bird_ip and routes the other host's blocks / endpoints via it
     everything removed: no endpoint, allocation, route or device left.
 """
 import json
-import sys
 import time
 
 import pytest
 
-from tests.plugin_proc import LAUNCHER, PluginProcess  # noqa: F401
+from tests.plugin_proc import LAUNCHER, PluginProcess, container_ip, etcd_config, store
 
 pytestmark = pytest.mark.integration
 
@@ -26,29 +25,11 @@ CTL = LAUNCHER.replace("/plugin", "/netpluginctl")
 POOL = "192.168.0.0/16"
 PROTO = "78"   # routes.RTPROT_NETPLUGIN
 
-CONFIG = """
-scope = "global"
-backend = "calico"
-socket = "/run/docker/plugins/calico.sock"
-log_level = "info"
-[datastore]
-type = "etcd"
-endpoints = ["{etcd}"]
-timeout = 3.0
-[calico]
-hostname = "{hostname}"
-ip = "{ip}"
-"""
-
-_DUMP = ("import json, sys\n"
-         "from netplugin.config import DatastoreConfig\n"
-         "from netplugin.datastore import open_datastore\n"
-         "s = open_datastore(DatastoreConfig(type='etcd', endpoints=[sys.argv[1]]))\n"
-         "print(json.dumps({i.key: i.value for i in s.list_prefix(sys.argv[2])}))\n")
 
 
 def etcd_items(host, url, prefix="/calico"):
-    return json.loads(host.run(sys.executable, "-c", _DUMP, url, prefix).stdout)
+    """Every key under ``prefix``, the hosts' bird_ip included."""
+    return json.loads(store(host, url, "list", prefix))
 
 
 def wait_for(fn, timeout=15.0, interval=0.2):
@@ -69,10 +50,6 @@ def cali_links(host):
             if ": cali" in line]
 
 
-def container_ip(host, name, network):
-    out = host.docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", name).stdout
-    return json.loads(out)[network]["IPAddress"]
-
 
 def ping(host, container, ip, wait=2):
     return host.docker("exec", container, "ping", "-c1", f"-W{wait}", ip,
@@ -89,7 +66,7 @@ def fabric(make_host, etcd_url):
     b = make_host("mb", dockerd_args=DOCKERD_ARGS)
     plugins = []
     for h in (a, b):
-        proc = PluginProcess(h, CONFIG.format(etcd=etcd_url, hostname=h.name, ip=h.addr))
+        proc = PluginProcess(h, etcd_config(etcd_url, h.name, "global", ip=h.addr))
         proc.start()
         plugins.append(proc)
     yield a, b, plugins

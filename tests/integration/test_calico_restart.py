@@ -26,24 +26,11 @@ import time
 
 import pytest
 
-from tests.plugin_proc import LAUNCHER, PluginProcess, container_ip, etcd_items, store
+from tests.plugin_proc import (LAUNCHER, PluginProcess, container_ip, etcd_config, etcd_items,
+                               store)
 
 pytestmark = pytest.mark.integration
 
-CONFIG = """
-scope = "local"
-backend = "calico"
-socket = "/run/docker/plugins/calico.sock"
-log_level = "info"
-[datastore]
-type = "etcd"
-endpoints = ["{etcd}"]
-timeout = 3.0
-[calico]
-hostname = "{hostname}"
-docker_endpoint = "unix://{docker}"
-docker_timeout = 10.0
-"""
 
 POOL = "10.88.0.0/16"               # Calico IPAM pool
 DSUBNET = "192.168.60.0/24"         # Docker IPAM network
@@ -155,7 +142,8 @@ class Plugin:
 
     def __init__(self, host, url):
         self.host, self.url = host, url
-        self.config = CONFIG.format(etcd=url, hostname=host.name, docker=host.sock)
+        self.config = etcd_config(url, host.name, docker_endpoint=f"unix://{host.sock}",
+                                  docker_timeout=10.0)
         self.proc = None
 
     def audits(self):
