@@ -1141,14 +1141,12 @@ mount --move "{ns}" /sys
         # After a dockerd crash its containerd dies too (pdeathsig) but may stay a
         # zombie for a while (PID 1 reaps slowly here); dockerd's "containerd is
         # still running" check (kill -0) would then wait forever for its socket.
-        cpidfile = os.path.join(self.exec_root, "containerd", "containerd.pid")
-        try:
-            with open(cpidfile) as f:
-                cpid = int(f.read().strip() or 0)
-            if not cpid or not _pid_alive(cpid):
-                os.unlink(cpidfile)
-        except (OSError, ValueError):
-            pass
+        cpid = self._containerd_pid()
+        if not cpid or not _pid_alive(cpid):
+            try:
+                os.unlink(os.path.join(self.exec_root, "containerd", "containerd.pid"))
+            except OSError:
+                pass
         self._dockerd_args = tuple(extra_args)
         argv = self._enter_argv([
             DOCKERD, "--config-file", cfg,
@@ -1188,6 +1186,7 @@ mount --move "{ns}" /sys
         p = self._dockerd
         if p is None or p.poll() is not None:
             return
+        cpid = self._containerd_pid()
         if kill:
             _kill(p.pid, signal.SIGKILL)
             p.wait(timeout=10)
@@ -1198,6 +1197,20 @@ mount --move "{ns}" /sys
             except subprocess.TimeoutExpired:
                 _kill(p.pid, signal.SIGKILL)
                 p.wait(timeout=10)
+        # The containerd it started got its parent-death signal but may still be
+        # exiting; a dockerd started meanwhile would find it "still running",
+        # wait for its socket and give up.  Wait until it is gone (or a zombie).
+        deadline = time.monotonic() + 15
+        while cpid and _pid_alive(cpid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _containerd_pid(self):
+        """PID of the containerd this host's dockerd started (0 if unknown)."""
+        try:
+            with open(os.path.join(self.exec_root, "containerd", "containerd.pid")) as f:
+                return int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
 
     def restart_dockerd(self, extra_args=None, kill=False, timeout=60):
         """stop_dockerd(kill) + start_dockerd (same extra_args unless given)."""
