@@ -1,43 +1,27 @@
 """Run the real plugin (./plugin) inside a lab host and talk to its socket."""
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from typing import Any, Dict, Optional, Tuple
 
+from netplugin import unixhttp
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, "plugin")
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 30):
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.unix_path)
 
 
 def call(sock_path: str, path: str, body: Any = None, raw: Optional[bytes] = None,
          timeout: float = 30) -> Tuple[int, Dict[str, Any]]:
     """POST like dockerd does (no Content-Type); return (status, decoded JSON)."""
     data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
-    conn = UnixHTTPConnection(sock_path, timeout)
-    try:
-        conn.request("POST", path, body=data)
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read() or b"{}")
-    finally:
-        conn.close()
+    status, answer = unixhttp.post(sock_path, path, data, timeout)
+    return status, json.loads(answer or b"{}")
 
 
 class PluginProcess:

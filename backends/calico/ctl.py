@@ -60,7 +60,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from netplugin import __version__
+from netplugin import __version__, unixhttp
 from netplugin.config import Config, load_config
 from netplugin.datastore import (CompareFailed, Datastore, KeyExists, KeyNotFound,
                                  open_datastore)
@@ -336,28 +336,15 @@ def ip_json(*args: str) -> List[Dict[str, Any]]:
     return data if isinstance(data, list) else []
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.unix_path)
-
-
 def plugin_activate(path: str, timeout: float = PLUGIN_TIMEOUT) -> Dict[str, Any]:
     """POST /Plugin.Activate on the plugin socket, as dockerd does."""
     result: Dict[str, Any] = {"socket": path, "ok": False}
-    conn = _UnixHTTPConnection(path, timeout)
     try:
-        conn.request("POST", "/Plugin.Activate", body=b"",
-                     headers={"Accept": "application/vnd.docker.plugins.v1.2+json"})
-        resp = conn.getresponse()
-        body = resp.read()
-        if resp.status != 200:
-            result["error"] = f"HTTP {resp.status}: {body[:200].decode(errors='replace')}"
+        status, body = unixhttp.post(
+            path, "/Plugin.Activate", timeout=timeout,
+            headers={"Accept": "application/vnd.docker.plugins.v1.2+json"})
+        if status != 200:
+            result["error"] = f"HTTP {status}: {body[:200].decode(errors='replace')}"
             return result
         data = json.loads(body or b"{}")
         result["implements"] = list(data.get("Implements") or [])
@@ -370,8 +357,6 @@ def plugin_activate(path: str, timeout: float = PLUGIN_TIMEOUT) -> Dict[str, Any
         result["error"] = f"no answer within {timeout:g} s"
     except (OSError, http.client.HTTPException, ValueError) as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
-    finally:
-        conn.close()
     return result
 
 
