@@ -159,6 +159,53 @@ def deliver_event(callback: Callable[[Event], None], event: Event) -> None:
         _log.exception("watch callback failed on %s", event)
 
 
+def deliver_events(watch: Watch, callback: Callable[[Event], None],
+                   events: List[Event]) -> None:
+    """Deliver ``events`` in order, none after the watch was stopped."""
+    for event in events:
+        if watch.stopped:
+            return
+        deliver_event(callback, event)
+
+
+def known_versions(items: List[Item], since: Optional[int]) -> Dict[str, int]:
+    """The key -> version map a watch diffs against: every listed item, or
+    (watching from ``since``) those not changed after it."""
+    return {i.key: i.version for i in items if since is None or i.version <= since}
+
+
+class WatchSet:
+    """The watch threads an adapter object started; ``stop_all`` (its close())
+    ends them.  Shared by the adapters so each only writes its own loop."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._watches: List[Watch] = []
+
+    def start(self, prefix: str, start: Callable[[], None],
+              loop: Callable[[Watch], None]) -> Watch:
+        """Run ``start()`` now ("from now" means from this call on; a store
+        that is down only delays it: ``loop`` must call it again then), then
+        ``loop(watch)`` in a daemon thread."""
+        watch = Watch()
+        try:
+            start()
+        except DatastoreUnavailable as e:
+            _log.warning("watch of %s starts late: %s", prefix, e)
+        watch.thread = threading.Thread(target=loop, args=(watch,),
+                                        name=f"watch {prefix}", daemon=True)
+        with self._lock:
+            self._watches = [w for w in self._watches if not w.stopped] + [watch]
+        watch.thread.start()
+        return watch
+
+    def stop_all(self) -> None:
+        with self._lock:
+            watches, self._watches = self._watches, []
+        for w in watches:
+            w.stop()
+
+
 @contextlib.contextmanager
 def watching(datastore: "Datastore",
              callbacks: Mapping[str, Callable[[Event], None]]) -> Iterator[List[Watch]]:

@@ -21,7 +21,6 @@ import inspect
 import json
 import logging
 import socket
-import threading
 import urllib.parse
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -30,7 +29,8 @@ import requests
 
 from netplugin.datastore.base import (
     CompareFailed, Datastore, DatastoreError, DatastoreUnavailable, Event, Item,
-    KeyExists, KeyNotFound, Watch, deliver_event, diff_snapshot, normalize_prefix)
+    KeyExists, KeyNotFound, Watch, WatchSet, deliver_events, diff_snapshot,
+    known_versions, normalize_prefix)
 
 _log = logging.getLogger(__name__)
 
@@ -110,8 +110,7 @@ class ConsulDatastore(Datastore):
         self.address = (f"{self._host}:{self._port}" if self._scheme == "http"
                         else f"{self._scheme}://{self._host}:{self._port}")
         self.timeout = float(timeout)
-        self._lock = threading.Lock()
-        self._watches: List[Watch] = []
+        self._watchset = WatchSet()
         self._client = self._new_client()
 
     @classmethod
@@ -287,28 +286,16 @@ class ConsulDatastore(Datastore):
                      since: Optional[int] = None) -> Watch:
         prefix = self._key(prefix)
         cp = _ckey(normalize_prefix(prefix))
-        watch = Watch()
         client = self._new_client()  # own session: a watch holds its connection
         state: Dict = {"known": None, "index": None}
 
         def start() -> None:
             items, index = self._list(client, prefix)
-            state["known"] = {i.key: i.version for i in items
-                              if since is None or i.version <= since}
+            state["known"] = known_versions(items, since)
             state["index"] = index if since is None else int(since)
 
-        try:
-            start()  # "from now" means from this call on
-        except DatastoreUnavailable as e:
-            _log.warning("watch of %s starts late: %s", prefix, e)
-
-        watch.thread = threading.Thread(
-            target=self._watch_loop, args=(watch, client, cp, callback, state, start),
-            name=f"watch {prefix}", daemon=True)
-        with self._lock:
-            self._watches = [w for w in self._watches if not w.stopped] + [watch]
-        watch.thread.start()
-        return watch
+        return self._watchset.start(prefix, start, lambda watch: self._watch_loop(
+            watch, client, cp, callback, state, start))
 
     def _watch_loop(self, watch: Watch, client: consul.Consul, cp: str, callback, state,
                     start) -> None:
@@ -327,10 +314,7 @@ class ConsulDatastore(Datastore):
                     # an index going backwards means consul was reset: start over
                     state["index"] = 0 if index < state["index"] else max(index, 1)
                     delay = 0.2
-                    for event in events:
-                        if watch.stopped:
-                            return
-                        deliver_event(callback, event)
+                    deliver_events(watch, callback, events)
                 except DatastoreUnavailable as e:
                     if watch.stopped:
                         break
@@ -341,10 +325,7 @@ class ConsulDatastore(Datastore):
             _close_client(client)
 
     def close(self) -> None:
-        with self._lock:
-            watches, self._watches = self._watches, []
-        for w in watches:
-            w.stop()
+        self._watchset.stop_all()
         _close_client(self._client)
 
 

@@ -20,7 +20,8 @@ from typing import Callable, List, Optional, Tuple
 
 from netplugin.datastore.base import (
     CompareFailed, Datastore, DatastoreError, DatastoreUnavailable, Event, Item,
-    KeyExists, KeyNotFound, Watch, deliver_event, diff_snapshot, normalize_prefix)
+    KeyExists, KeyNotFound, Watch, WatchSet, deliver_events, diff_snapshot,
+    known_versions, normalize_prefix)
 
 _log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class EmbeddedDatastore(Datastore):
         self._lock = threading.Lock()
         self._conns: List[sqlite3.Connection] = []
         self._generation = 0
-        self._watches: List[Watch] = []
+        self._watchset = WatchSet()
         try:
             parent = os.path.dirname(os.path.abspath(path))
             os.makedirs(parent, exist_ok=True)
@@ -283,32 +284,21 @@ class EmbeddedDatastore(Datastore):
     def watch_prefix(self, prefix: str, callback: Callable[[Event], None],
                      since: Optional[int] = None) -> Watch:
         low, high = _bounds(prefix)
-        watch = Watch()
         state = {"known": None, "last": None}
 
         def start(conn):
             rev, _ = self._meta(conn)
             items = self._list(conn, low, high)
             state["last"] = rev if since is None else int(since)
-            state["known"] = {i.key: i.version for i in items
-                              if since is None or i.version <= since}
+            state["known"] = known_versions(items, since)
 
-        try:
-            self._read(start)   # "from now" means from this call on
-        except DatastoreUnavailable as e:
-            _log.warning("watch of %s starts late: %s", prefix, e)
-
-        def run():
+        def run(watch: Watch) -> None:
             try:
                 self._watch_loop(watch, low, high, callback, state, start)
             finally:
                 self._forget_thread_conn()
 
-        watch.thread = threading.Thread(target=run, name=f"watch {prefix}", daemon=True)
-        with self._lock:
-            self._watches = [w for w in self._watches if not w.stopped] + [watch]
-        watch.thread.start()
-        return watch
+        return self._watchset.start(prefix, lambda: self._read(start), run)
 
     def _forget_thread_conn(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -334,10 +324,7 @@ class EmbeddedDatastore(Datastore):
                 _log.warning("watch: %s; retrying", e)
                 delay = min(delay * 2, 5.0)
                 events = []
-            for event in events:
-                if watch.stopped:
-                    return
-                deliver_event(callback, event)
+            deliver_events(watch, callback, events)
             watch.wait(delay)
 
     def _poll(self, conn, low: str, high: str, state) -> List[Event]:
@@ -363,10 +350,7 @@ class EmbeddedDatastore(Datastore):
         return events
 
     def close(self) -> None:
-        with self._lock:
-            watches, self._watches = self._watches, []
-        for w in watches:
-            w.stop()
+        self._watchset.stop_all()
         with self._lock:
             conns, self._conns = self._conns, []
             self._generation += 1

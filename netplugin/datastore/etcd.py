@@ -22,7 +22,8 @@ from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
 
 from netplugin.datastore.base import (
     CompareFailed, Datastore, DatastoreError, DatastoreUnavailable, Event, Item,
-    KeyExists, KeyNotFound, Watch, deliver_event, diff_snapshot, normalize_prefix)
+    KeyExists, KeyNotFound, Watch, WatchSet, deliver_events, diff_snapshot,
+    known_versions, normalize_prefix)
 
 _log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class EtcdDatastore(Datastore):
         self.timeout = float(timeout)
         self._lock = threading.Lock()
         self._client: Optional[etcd.Client] = None
-        self._watches: List[Watch] = []
+        self._watchset = WatchSet()
 
     @classmethod
     def from_config(cls, cfg) -> "EtcdDatastore":
@@ -292,29 +293,17 @@ class EtcdDatastore(Datastore):
     def watch_prefix(self, prefix: str, callback: Callable[[Event], None],
                      since: Optional[int] = None) -> Watch:
         p = normalize_prefix(_key(prefix))
-        watch = Watch()
         # own client: a watch holds its connection while it waits
         client = self._new_client()
         state: Dict = {"known": None, "next": None}
 
         def start() -> None:
             items, index = self._list(client, p)
-            state["known"] = {i.key: i.version for i in items
-                              if since is None or i.version <= since}
+            state["known"] = known_versions(items, since)
             state["next"] = (index if since is None else int(since)) + 1
 
-        try:
-            start()  # "from now" means from this call on
-        except DatastoreUnavailable as e:
-            _log.warning("watch of %s starts late: %s", prefix, e)
-
-        watch.thread = threading.Thread(
-            target=self._watch_loop, args=(watch, client, p, callback, state, start),
-            name=f"watch {prefix}", daemon=True)
-        with self._lock:
-            self._watches = [w for w in self._watches if not w.stopped] + [watch]
-        watch.thread.start()
-        return watch
+        return self._watchset.start(prefix, start, lambda watch: self._watch_loop(
+            watch, client, p, callback, state, start))
 
     def _watch_loop(self, watch: Watch, client: etcd.Client, p: str, callback, state,
                     start) -> None:
@@ -341,7 +330,7 @@ class EtcdDatastore(Datastore):
                         else:
                             events = self._events(r, p, state)
                     delay = 0.2
-                    self._deliver_all(watch, callback, events)
+                    deliver_events(watch, callback, events)
                 except DatastoreUnavailable as e:
                     if watch.stopped:
                         break
@@ -353,13 +342,6 @@ class EtcdDatastore(Datastore):
                 client.http.clear()
             except Exception:  # pragma: no cover - best effort
                 pass
-
-    @staticmethod
-    def _deliver_all(watch: Watch, callback, events: List[Event]) -> None:
-        for event in events:
-            if watch.stopped:
-                return
-            deliver_event(callback, event)
 
     @staticmethod
     def _events(r, p: str, state) -> List[Event]:
@@ -387,11 +369,9 @@ class EtcdDatastore(Datastore):
         return []  # e.g. "get": nothing changed
 
     def close(self) -> None:
+        self._watchset.stop_all()
         with self._lock:
-            watches, self._watches = self._watches, []
             client, self._client = self._client, None
-        for w in watches:
-            w.stop()
         if client is not None:
             try:
                 client.http.clear()
