@@ -559,7 +559,7 @@ class Ctl:
                                    f"{cidr} (only an identical CIDR can be updated)")
         done = []
         for net in nets:
-            key = ci.pool_key(net)
+            key = keys.pool(net)
 
             def mutate(value, net=net):
                 value = dict(value) if isinstance(value, dict) else {}
@@ -597,7 +597,7 @@ class Ctl:
                     return None
                 value["disabled"] = True
                 return value
-            self._update_json(ci.pool_key(net), disable, f"pool {net}")
+            self._update_json(keys.pool(net), disable, f"pool {net}")
         # 2. let allocations already in flight finish, then release affinities
         if POOL_REMOVE_GRACE > 0:
             time.sleep(POOL_REMOVE_GRACE)
@@ -605,7 +605,7 @@ class Ctl:
         for net in nets:
             released = self._release_pool_affinities(net)
             try:
-                self.store.delete(ci.pool_key(net))
+                self.store.delete(keys.pool(net))
             except KeyNotFound:
                 pass
             # a claim that raced with step 2 (rare): sweep once more

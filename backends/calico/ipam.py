@@ -44,6 +44,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set,
 from netplugin.datastore import CompareFailed, Datastore, KeyExists, KeyNotFound
 from netplugin.errors import Conflict, NotFound, PluginError
 
+from backends.calico.keys import cidr_in_key, pool_dir
+
 log = logging.getLogger(__name__)
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -58,7 +60,6 @@ KEY_ERROR_RETRIES = 3    # re-queues of a listed affine block that does not exis
 CLAIM_RETRIES = 100      # block claims per auto-assign
 WALK_READS = 8           # candidate reads before listing every block instead
 
-POOL_ROOT = "/calico/v1/ipam"
 IPAM_ROOT = "/calico/ipam/v2"
 CONFIG_KEY = f"{IPAM_ROOT}/config"
 HANDLE_ROOT = f"{IPAM_ROOT}/handle"
@@ -108,24 +109,11 @@ class TooMuchContention(IpamError):
 # keys and small helpers
 
 
-def cidr_in_key(cidr) -> str:
-    return str(cidr).replace("/", "-")
-
-
 def cidr_from_key(key: str) -> IPNetwork:
     """Last path component ``192.168.0.0-26`` / ``fd80::40-122`` -> network."""
     name = key.rstrip("/").rsplit("/", 1)[-1]
     addr, _, plen = name.rpartition("-")
     return ipaddress.ip_network(f"{addr}/{plen}")
-
-
-def pool_dir(version: int) -> str:
-    return f"{POOL_ROOT}/v{version}/pool/"
-
-
-def pool_key(cidr) -> str:
-    net = ipaddress.ip_network(cidr, strict=False)
-    return f"{POOL_ROOT}/v{net.version}/pool/{cidr_in_key(net)}"
 
 
 def block_dir(version: int) -> str:

@@ -16,9 +16,10 @@ NETWORK_ROOT = "/calico/libnetwork/v1"   # plugin-private network records
 HOST_ROOT = "/calico/v1/host"
 
 
-def cidr_in_key(cidr: str) -> str:
-    """``192.168.0.0/16`` -> ``192.168.0.0-16`` (Calico puts CIDRs in keys this way)."""
-    return cidr.replace("/", "-")
+def cidr_in_key(cidr) -> str:
+    """``192.168.0.0/16`` -> ``192.168.0.0-16`` (Calico puts CIDRs in keys this
+    way); ``cidr`` is a string or an ``ipaddress`` network."""
+    return str(cidr).replace("/", "-")
 
 
 def profile_dir(nid: str) -> str:
@@ -38,11 +39,16 @@ def profile_labels(nid: str) -> str:
     return f"{profile_dir(nid)}/labels"
 
 
-def pool(cidr: str) -> str:
+def pool_dir(version: int) -> str:
+    """``/calico/v1/ipam/v4/pool/`` (or ``/v6/``): every pool of that family."""
+    return f"{POOL_ROOT}/v{version}/pool/"
+
+
+def pool(cidr) -> str:
     """``/calico/v1/ipam/v4/pool/10.0.0.0-24`` (or ``/v6/``); ``cidr`` is
     normalised to its network address first."""
     net = ipaddress.ip_network(cidr, strict=False)
-    return f"{POOL_ROOT}/v{net.version}/pool/{cidr_in_key(str(net))}"
+    return f"{pool_dir(net.version)}{cidr_in_key(net)}"
 
 
 def network(nid: str) -> str:

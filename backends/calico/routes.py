@@ -39,7 +39,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from netplugin.datastore.base import DatastoreError, Event, watching
 
-from backends.calico import keys
+from backends.calico import ipam, keys
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ RTPROT_NETPLUGIN = 0x4e
 MAIN_TABLE = 254
 
 HOST_ROOT = keys.HOST_ROOT + "/"                 # /calico/v1/host/
-AFFINITY_ROOT = "/calico/ipam/v2/host/"
+AFFINITY_ROOT = ipam.HOST_ROOT + "/"             # /calico/ipam/v2/host/
 
 _BIRD_IP_RE = re.compile(r"^/calico/v1/host/([^/]+)/bird_ip$")
 _ENDPOINT_RE = re.compile(r"^/calico/v1/host/([^/]+)/workload/[^/]+/[^/]+/endpoint/[^/]+$")

@@ -17,6 +17,7 @@ import pytest
 
 import backends.calico  # noqa: F401  (registers "calico")
 from backends.calico import ipam as ci
+from backends.calico import keys
 from backends.calico import ipam_driver as drv
 from backends.calico.driver import CalicoBackend
 from backends.calico.ipam import CalicoIpam
@@ -79,7 +80,7 @@ def backend(store):
 def add_pool(store, cidr, **fields):
     value = {"cidr": cidr}
     value.update(fields)
-    store.inner.put(ci.pool_key(cidr), json.dumps(value))
+    store.inner.put(keys.pool(cidr), json.dumps(value))
 
 
 def dump(store, prefix="/calico"):
@@ -132,8 +133,8 @@ def pool_req(pool="", v6=False, options=None, sub_pool=""):
 
 
 def test_keys_as_calico_writes_them():
-    assert ci.pool_key("192.168.0.0/16") == "/calico/v1/ipam/v4/pool/192.168.0.0-16"
-    assert ci.pool_key(POOL6) == "/calico/v1/ipam/v6/pool/fd80:24e2:f998:72d6::-64"
+    assert keys.pool("192.168.0.0/16") == "/calico/v1/ipam/v4/pool/192.168.0.0-16"
+    assert keys.pool(POOL6) == "/calico/v1/ipam/v6/pool/fd80:24e2:f998:72d6::-64"
     assert ci.block_key("192.168.45.0/26") == \
         "/calico/ipam/v2/assignment/ipv4/block/192.168.45.0-26"
     assert ci.block_key("fd80:24e2:f998:72d6::40/122") == \
@@ -261,11 +262,11 @@ def test_pool_flags_and_shapes(store, ipam):
     add_pool(store, "10.2.0.0/24", disabled=True)
     add_pool(store, "10.3.0.0/28")                       # smaller than a block
     # Go writer: every field
-    store.inner.put(ci.pool_key("10.4.0.0/24"), json.dumps(
+    store.inner.put(keys.pool("10.4.0.0/24"), json.dumps(
         {"cidr": "10.4.0.0/24", "ipip": "", "masquerade": False, "ipam": True,
          "disabled": False, "ipip_mode": ""}))
-    store.inner.put(ci.pool_key("10.5.0.0/24"), "not json")
-    store.inner.put(ci.pool_key("10.6.0.0/24"), "{}")    # no cidr: from the key
+    store.inner.put(keys.pool("10.5.0.0/24"), "not json")
+    store.inner.put(keys.pool("10.6.0.0/24"), "{}")    # no cidr: from the key
     pools = {str(pl.cidr): pl.state() for pl in ipam.pools(4)}
     assert pools == {"10.1.0.0/24": "ipam disabled", "10.2.0.0/24": "disabled",
                      "10.3.0.0/28": "smaller than a /26 block", "10.4.0.0/24": "enabled",
@@ -932,7 +933,7 @@ def test_contention_200_concurrent_request_address(etcd_url, hosts, pool):
     store.delete_prefix("/calico")
     owners_ok = set(hosts)
     try:
-        store.put(ci.pool_key(pool), json.dumps({"cidr": pool}))
+        store.put(keys.pool(pool), json.dumps({"cidr": pool}))
         ipam = CalicoIpam(store)
         if len(set(hosts)) > 1:
             ipam.release_ips([ipam.auto_assign_one(4, "host-c")])
