@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= plugin.cfg
 PYTEST_ARGS ?=
 
-.PHONY: install run test unit integration bench system-deps clean
+.PHONY: install run test unit integration bench system-deps managed-plugin clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,11 @@ unit: install
 
 integration: system-deps install
 	$(PY) -m pytest -ra $(PYTEST_ARGS) tests/integration
+
+# build/managed-plugin/ (config.json + rootfs/) for `docker plugin create`;
+# no registry needed: the Debian base is debootstrapped and cached in build/.
+managed-plugin: install
+	scripts/managed-plugin.sh $(PY)
 
 bench: system-deps install
 	$(PY) -m tests.bench

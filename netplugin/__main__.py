@@ -1,3 +1,6 @@
+"""``python -m netplugin``: the plugin launcher, as ``./plugin``.
+Owns nothing: it calls netplugin.cli.main.
+"""
 import sys
 
 from netplugin.cli import main

@@ -1,74 +1,94 @@
-"""``netplugin -f FILE``: load the config and serve Docker on the unix socket.
+"""The launcher: ``netplugin -f FILE`` (and --check, --audit, --agent), run by ./plugin.
+Owns: arguments, socket/state preparation, gunicorn or the one-process server; not the wiring.
 
 The Docker protocol app is served by gunicorn (like the Calico plugin) in the
 foreground; SIGTERM/SIGINT stop it cleanly and gunicorn removes the socket.
-Each worker process builds its own datastore connection and backend.
+Each worker process builds its own datastore connection and backend
+(``netplugin.runtime``).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import socket
 import sys
 from typing import List, Optional
 
 from netplugin import __version__
 from netplugin.config import Config, describe, load_config
 from netplugin.errors import ConfigError, PluginError
+from netplugin.runtime import build_app, build_backend, close_backend, reread_log_level
 
 log = logging.getLogger("netplugin")
 
 LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 
 
-def build_backend(cfg: Config):
-    """Datastore adapter (wrapped to count operations) + the configured backend."""
-    from netplugin.backend import load_backend
-    from netplugin.datastore import CountingDatastore, open_datastore
+def check_datastore(cfg: Config) -> None:
+    """Before serving: a datastore misconfiguration that waiting cannot heal
+    (certificate files, TLS verification, credentials) raises (one line:
+    type, endpoint, cause; the plugin refuses to start).  An unreachable
+    datastore is one warning line: the plugin starts and answers clear Errs
+    until it is back."""
+    from netplugin.datastore import DatastoreMisconfigured, open_datastore
 
-    store = CountingDatastore(open_datastore(cfg.datastore))
-    return load_backend(cfg.backend)(cfg, store)
-
-
-def build_app(cfg: Config):
-    """Backend started and wrapped in the Flask app (one per worker process)."""
-    from netplugin.app import create_app
-
-    backend = build_backend(cfg)
+    store = open_datastore(cfg.datastore)
     try:
-        backend.datastore.ping()
+        store.ping()
+    except DatastoreMisconfigured:
+        raise
     except Exception as exc:  # the plugin still starts: calls answer a clear Err
         log.warning("datastore not reachable at start-up: %s", exc)
-    backend.start()
-    app = create_app(backend, cfg.scope)
-    app.config["NETPLUGIN_BACKEND"] = backend
-    return app
-
-
-def prepare_socket(path: str) -> None:
-    """Make the socket directory; refuse to steal a socket someone serves on;
-    remove a stale one."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if not os.path.lexists(path):
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(2)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError, socket.timeout, OSError):
-        os.unlink(path)  # nobody answers: a leftover of a killed plugin
-        return
     finally:
-        probe.close()
-    raise ConfigError(f"{path}: another process is already serving on this socket")
+        store.close()
+
+
+def prepare_socket(path: str, attempts: int = 3, pause: float = 0.5) -> None:
+    """Make the socket directory; refuse to steal a socket someone serves on;
+    remove a stale one (see ``netplugin.listener.clear_path``)."""
+    from netplugin import listener
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    listener.clear_path(path, attempts, pause)
+
+
+def prepare_state(cfg: Config) -> None:
+    """The plugin's host-local state dir: a fresh multiprocess metrics
+    directory (before any process imports prometheus_client) and the log
+    level of the config."""
+    import shutil
+
+    from netplugin import runstate
+
+    os.makedirs(cfg.driver_state_dir, mode=0o700, exist_ok=True)
+    metrics_dir = os.path.join(cfg.driver_state_dir, "metrics")
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    os.makedirs(metrics_dir, mode=0o700)
+    if "prometheus_client" in sys.modules:  # pragma: no cover - a launcher bug
+        log.warning("prometheus_client imported before its multiprocess directory was set")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    runstate.set_log_level(cfg.driver_state_dir, cfg.log_level)
 
 
 def serve(cfg: Config) -> None:
     from gunicorn.app.base import BaseApplication
+    from gunicorn.arbiter import Arbiter
 
-    from netplugin import agent
+    from netplugin import agent, runstate, sdnotify, server
     from netplugin.backend import load_backend
+    from netplugin.listener import open_listener
+
+    prepare_state(cfg)   # before anything imports prometheus_client (the datastore does)
+    check_datastore(cfg)
+    runstate.watch_log_level(cfg.driver_state_dir)
+    # Bound (0660, root:socket_group) and listening before anything can be
+    # accepted, in both modes: waitress serves it, gunicorn gets its fd.
+    listener = open_listener(cfg.socket, cfg.socket_group)
+    if cfg.workers == 1:
+        log.info("netplugin %s serving %s on %s (one process)", __version__, describe(cfg),
+                 cfg.socket)
+        server.serve_in_process(cfg, listener, build_app, load_backend(cfg.backend).has_agent)
+        return
 
     agent_proc = None
     if load_backend(cfg.backend).has_agent:
@@ -77,10 +97,17 @@ def serve(cfg: Config) -> None:
     def on_exit(_server):
         agent.stop(agent_proc)
 
+    class PluginArbiter(Arbiter):
+        def handle_hup(self):
+            reread_log_level(cfg)
+
     class PluginApplication(BaseApplication):
+        def run(self):
+            PluginArbiter(self).run()
+
         def load_config(self):
             settings = {
-                "bind": [f"unix:{cfg.socket}"],
+                "bind": [f"fd://{listen_fd}"],
                 "workers": cfg.workers,
                 "threads": cfg.threads,
                 "worker_class": "gthread" if cfg.threads > 1 else "sync",
@@ -93,6 +120,9 @@ def serve(cfg: Config) -> None:
                 "errorlog": "-",
                 "proc_name": f"netplugin-{cfg.driver_name}",
                 "worker_exit": _worker_exit,
+                "child_exit": _child_exit,
+                "when_ready": lambda _arbiter: sdnotify.notify_when_answering(cfg.socket),
+                "post_fork": _die_with_master,
                 "on_exit": on_exit,
                 # gunicorn >= 25 opens a control socket at one fixed path per
                 # user: several plugins on a machine would fight over it.
@@ -105,7 +135,7 @@ def serve(cfg: Config) -> None:
         def load(self):
             return build_app(cfg)
 
-    prepare_socket(cfg.socket)
+    listen_fd = listener.detach()   # gunicorn's now (it closes it on exit)
     log.info("netplugin %s serving %s on %s", __version__, describe(cfg), cfg.socket)
     try:
         PluginApplication().run()
@@ -113,12 +143,32 @@ def serve(cfg: Config) -> None:
         agent.stop(agent_proc)
 
 
+def _child_exit(_server, worker) -> None:
+    from netplugin import metrics
+    metrics.process_dead(worker.pid)
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_master(server, _worker) -> None:
+    """gunicorn post_fork hook: the worker gets SIGKILL when its master dies
+    (kill -9 of ./plugin), so it never goes on answering on a socket a
+    restarted plugin wants; a master already gone makes it exit at once."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    if os.getppid() != server.pid:
+        os._exit(1)
+
+
 def _worker_exit(_server, worker) -> None:
     app = getattr(worker, "wsgi", None)
     backend = getattr(app, "config", {}).get("NETPLUGIN_BACKEND") if app else None
     if backend is not None:
-        backend.stop()
-        backend.datastore.close()
+        close_backend(backend)
 
 
 def default_config_path() -> str:
@@ -131,6 +181,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         description="Docker libnetwork remote network/IPAM driver (Calico, Nuage backends).")
     ap.add_argument("-f", "--config", default=None,
                     help="TOML config file (default: $NETPLUGIN_CONFIG, else ./plugin.cfg)")
+    ap.add_argument("--socket", metavar="PATH", default=None,
+                    help="serve on this socket instead of the config's `socket` (the "
+                         "managed plugin uses /run/docker/plugins/netplugin.sock)")
     ap.add_argument("--check", action="store_true",
                     help="validate the config file, print a summary and exit")
     ap.add_argument("--audit", action="store_true",
@@ -148,6 +201,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     path = args.config or default_config_path()
     try:
         cfg = load_config(path)
+        if args.socket:
+            if not args.socket.startswith("/") or args.socket.endswith("/"):
+                raise ConfigError(f"--socket must be an absolute path to a socket file, "
+                                  f"got {args.socket!r}")
+            cfg.socket = args.socket
         logging.basicConfig(level=cfg.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
         for warning in cfg.warnings:
             log.warning("%s", warning)
@@ -169,7 +227,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         print(f"netplugin: error: {exc}", file=sys.stderr)
         return 2
-    except PluginError as exc:  # --audit against an unreachable datastore/dockerd
+    except PluginError as exc:  # a misconfigured datastore; --audit against an unreachable one
         print(f"netplugin: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,37 +1,35 @@
-"""Load and validate the TOML configuration file.
+"""The front-end's configuration (``Config``): the top-level keys and ``[datastore]``.
+Owns: the front-end's keys only; each ``[<name>]`` table is ``backends.<name>.config``'s.
 
 Every user error raises ``ConfigError`` with one line naming the file, the key
-and the value; ``netplugin.cli`` prints it and exits non-zero.  See README.md
-("Configuration reference") for every key.
+and the value (``netplugin.configfile``); ``netplugin.cli`` prints it and exits
+non-zero.  See README.md ("Configuration reference") for every key.
+
+A backend package ``backends/<name>/`` with a ``config`` module owns the
+``[<name>]`` table: the module is found by name (never imported statically:
+the front-end knows no backend) and defines ``parse(reader, cfg)``, whose
+result is ``cfg.<name>``, and optionally ``TOP_LEVEL_ALIASES`` (flat keys of
+an older file format that belong to its table).  Every backend's table is
+checked, whichever backend is chosen.
 """
 from __future__ import annotations
 
-import ipaddress
+import importlib
+import importlib.util
 import os
-import socket
-import sys
+import pkgutil
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-from netplugin.errors import ConfigError
+from netplugin.configfile import Reader, read_file, read_text
 
 SCOPES = ("local", "global")
-DATASTORES = ("embedded", "etcd", "consul")
+DATASTORES = ("embedded", "etcd", "etcdv3", "consul")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 PLUGIN_DIR = "/run/docker/plugins"
+DEFAULT_BACKEND = "calico"
 
 # Top-level keys of the seed Nuage plugin's nuage.cfg, accepted as aliases.
-SEED_NUAGE_ALIASES = {
-    "VrsEndpoint": "vrs_endpoint",
-    "VrsPort": "vrs_port",
-    "VrsBridge": "vrs_bridge",
-    "DockerEndpoint": "docker_endpoint",
-}
 SEED_TOP_ALIASES = {"LogLevel": "log_level", "Scope": "scope"}
 
 
@@ -42,27 +40,11 @@ class DatastoreConfig:
     endpoints: List[str] = field(default_factory=lambda: ["http://127.0.0.1:2379"])  # etcd
     address: str = "127.0.0.1:8500"                     # consul
     timeout: float = 5.0                                # seconds, etcd and consul
-
-
-@dataclass
-class CalicoConfig:
-    hostname: str = ""
-    mtu: int = 1500
-    docker_endpoint: str = "unix:///var/run/docker.sock"  # for the leak audit
-    docker_timeout: float = 5.0
-    ip: str = ""    # address published as bird_ip; "" = auto-detect (backends/calico/routes.py)
-
-
-@dataclass
-class NuageConfig:
-    vrs_endpoint: str = "localhost"     # host/IP (TCP, with vrs_port) or unix:/path/db.sock
-    vrs_port: int = 6633
-    vrs_bridge: str = "alubr0"
-    docker_endpoint: str = "unix:///var/run/docker.sock"
-    resolve_timeout: float = 10.0       # seconds Join waits for VRS to resolve a vPort
-    vrs_timeout: float = 5.0            # seconds for reaching VRS and for one OVSDB transaction
-    docker_timeout: float = 3.0         # seconds per Docker API call (never blocks a Join longer)
-    hostname: str = ""                  # endpoint records are kept under this host name
+    ca_file: str = ""        # etcd/etcdv3 TLS: the CA that signs the members' certificates
+    cert_file: str = ""      # client certificate (with key_file)
+    key_file: str = ""
+    username: str = ""       # etcd auth (with password)
+    password: str = ""
 
 
 @dataclass
@@ -71,15 +53,26 @@ class Config:
     scope: str = "local"
     backend: str = "calico"
     socket: str = ""
+    socket_group: str = ""              # group of the 0660 socket; "" = docker if it exists
     log_level: str = "info"
     workers: int = 1
     threads: int = 8
+    metrics_address: str = ""           # "127.0.0.1:9091": /metrics and /health on TCP too
     state_dir: str = "/run/netplugin"   # host-local state that dies with the host's containers
     datastore: DatastoreConfig = field(default_factory=DatastoreConfig)
-    calico: CalicoConfig = field(default_factory=CalicoConfig)
-    nuage: NuageConfig = field(default_factory=NuageConfig)
+    #: each backend's table as its ``backends.<name>.config.parse`` returned
+    #: it, by name; read as an attribute: ``cfg.calico``, ``cfg.nuage``
+    tables: Dict[str, Any] = field(default_factory=dict)
     #: Things worth telling the operator at start-up (not errors).
     warnings: List[str] = field(default_factory=list)
+
+    def __getattr__(self, name: str) -> Any:
+        # only called for names that are no field: a backend's table
+        try:
+            return self.__dict__["tables"][name]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute "
+                                 f"{name!r}") from None
 
     @property
     def driver_state_dir(self) -> str:
@@ -93,58 +86,6 @@ class Config:
         return base[:-5] if base.endswith(".sock") else base
 
 
-class _Reader:
-    """Typed access to one TOML table, with errors naming file and key."""
-
-    def __init__(self, path: str, table: Dict[str, Any], section: str = ""):
-        self.path = path
-        self.table = dict(table)
-        self.section = section
-
-    def _name(self, key: str) -> str:
-        return f"{self.section}.{key}" if self.section else key
-
-    def fail(self, key: str, msg: str) -> ConfigError:
-        return ConfigError(f"{self.path}: key '{self._name(key)}' {msg}")
-
-    def pop(self, key: str, kind, default, choices=None, lower=False):
-        if key not in self.table:
-            return default
-        value = self.table.pop(key)
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if kind is list:
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise self.fail(key, f"must be a list of strings, got {value!r}")
-        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.fail(key, f"must be {_kind_name(kind)}, got {value!r}")
-        if lower:
-            value = value.lower()
-        if choices is not None and value not in choices:
-            raise self.fail(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
-        return value
-
-    def table_of(self, key: str) -> "_Reader":
-        value = self.table.pop(key, {})
-        if not isinstance(value, dict):
-            raise self.fail(key, f"must be a table ([{key}]), got {value!r}")
-        return _Reader(self.path, value, self._name(key))
-
-    def finish(self) -> None:
-        for key, value in self.table.items():
-            raise self.fail(key, f"is unknown (value {value!r})")
-
-
-def _kind_name(kind) -> str:
-    return {str: "a string", int: "an integer", float: "a number",
-            bool: "a boolean", list: "a list"}.get(kind, kind.__name__)
-
-
-def default_hostname() -> str:
-    """Calico's rule: $HOSTNAME, else the kernel's host name."""
-    return os.environ.get("HOSTNAME") or socket.gethostname()
-
-
 def _default_etcd_endpoints() -> List[str]:
     if os.environ.get("ETCD_ENDPOINTS"):
         return [e.strip() for e in os.environ["ETCD_ENDPOINTS"].split(",") if e.strip()]
@@ -154,29 +95,59 @@ def _default_etcd_endpoints() -> List[str]:
     return ["http://127.0.0.1:2379"]
 
 
+def available_backends() -> List[str]:
+    """Names of the packages under ``backends/`` (without importing them)."""
+    spec = importlib.util.find_spec("backends")
+    if spec is None or spec.submodule_search_locations is None:
+        return []
+    return sorted(m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)
+                  if m.ispkg)
+
+
+def backend_tables() -> List[Tuple[str, Any]]:
+    """``(name, module)`` of each backend with a table parser, ``backends.<name>.config``."""
+    found = []
+    for name in available_backends():
+        module = f"backends.{name}.config"
+        if importlib.util.find_spec(module) is not None:
+            found.append((name, importlib.import_module(module)))
+    return found
+
+
 def parse_config(data: Dict[str, Any], path: str = "<config>") -> Config:
     """Validate a decoded TOML document into a ``Config``."""
-    top = _Reader(path, data)
+    top = Reader(path, data)
     cfg = Config(path=path)
+    tables = backend_tables()
 
-    # Seed Nuage plugin keys (flat, CamelCase) are aliases.
-    seed_nuage = {SEED_NUAGE_ALIASES[k]: top.table.pop(k)
-                  for k in list(top.table) if k in SEED_NUAGE_ALIASES}
+    # Flat keys of an older format (the seed Nuage plugin's CamelCase ones)
+    # belong to a backend's table.
+    aliased: Dict[str, Dict[str, Any]] = {}
+    for name, module in tables:
+        aliases = getattr(module, "TOP_LEVEL_ALIASES", {})
+        aliased[name] = {aliases[k]: top.table.pop(k) for k in list(top.table) if k in aliases}
     for alias, key in SEED_TOP_ALIASES.items():
         if alias in top.table:
             if key in top.table:
                 raise top.fail(alias, f"and '{key}' are both set; keep one")
             top.table[key] = top.table.pop(alias)
 
-    from netplugin.backend import available_backends
     backends = available_backends()
-    default_backend = "nuage" if seed_nuage else "calico"
+    default_backend = next((name for name, _ in tables if aliased[name]), DEFAULT_BACKEND)
     cfg.backend = top.pop("backend", str, default_backend, backends, lower=True)
     cfg.scope = top.pop("scope", str, cfg.scope, SCOPES, lower=True)
     cfg.log_level = top.pop("log_level", str, cfg.log_level, LOG_LEVELS, lower=True)
     cfg.socket = top.pop("socket", str, f"{PLUGIN_DIR}/{cfg.backend}.sock")
     if not cfg.socket.startswith("/") or cfg.socket.endswith("/"):
         raise top.fail("socket", f"must be an absolute path to a socket file, got {cfg.socket!r}")
+    cfg.socket_group = top.pop("socket_group", str, cfg.socket_group)
+    if cfg.socket_group and not cfg.socket_group.isdigit():
+        import grp
+        try:
+            grp.getgrnam(cfg.socket_group)
+        except KeyError:
+            raise top.fail("socket_group", f"names no group on this host, got "
+                                           f"{cfg.socket_group!r} (see /etc/group)") from None
     cfg.state_dir = top.pop("state_dir", str, cfg.state_dir)
     if not cfg.state_dir.startswith("/"):
         raise top.fail("state_dir", f"must be an absolute path, got {cfg.state_dir!r}")
@@ -186,6 +157,12 @@ def parse_config(data: Dict[str, Any], path: str = "<config>") -> Config:
     cfg.threads = top.pop("threads", int, cfg.threads)
     if not 1 <= cfg.threads <= 256:
         raise top.fail("threads", f"must be between 1 and 256, got {cfg.threads}")
+    cfg.metrics_address = top.pop("metrics_address", str, cfg.metrics_address)
+    if cfg.metrics_address:
+        try:
+            split_address(cfg.metrics_address)
+        except ValueError as exc:
+            raise top.fail("metrics_address", str(exc)) from None
 
     ds = top.table_of("datastore")
     d = cfg.datastore
@@ -199,73 +176,44 @@ def parse_config(data: Dict[str, Any], path: str = "<config>") -> Config:
     d.timeout = ds.pop("timeout", float, d.timeout)
     if d.timeout <= 0:
         raise ds.fail("timeout", f"must be positive, got {d.timeout}")
+    for key in ("ca_file", "cert_file", "key_file", "username", "password"):
+        setattr(d, key, ds.pop(key, str, ""))
+    for key in ("ca_file", "cert_file", "key_file"):
+        value = getattr(d, key)
+        if value and not os.path.isabs(value):
+            raise ds.fail(key, f"must be an absolute path, got {value!r}")
+    if bool(d.cert_file) != bool(d.key_file):
+        raise ds.fail("cert_file" if d.key_file else "key_file",
+                      "must be set together with "
+                      f"'datastore.{'cert_file' if d.cert_file else 'key_file'}'")
+    if bool(d.username) != bool(d.password):
+        raise ds.fail("password" if d.username else "username",
+                      "must be set together with "
+                      f"'datastore.{'username' if d.username else 'password'}'")
+    if d.type not in ("etcd", "etcdv3"):
+        for key in ("ca_file", "cert_file", "key_file", "username"):
+            if getattr(d, key):
+                raise ds.fail(key, f"applies to the etcd and etcdv3 types only, not {d.type!r}")
     ds.finish()
     if cfg.scope == "global" and d.type == "embedded":
         # Allowed (the seed Nuage plugin's file says Scope = "global" and names
         # no datastore), but only this host will know the networks.
         cfg.warnings.append(
             f"{path}: scope 'global' with datastore type 'embedded': networks are "
-            "known on this host only; use 'etcd' or 'consul' to share them")
+            "known on this host only; use 'etcd', 'etcdv3' or 'consul' to share them")
 
-    ca = top.table_of("calico")
-    cfg.calico.hostname = ca.pop("hostname", str, "") or default_hostname()
-    cfg.calico.mtu = ca.pop("mtu", int, cfg.calico.mtu)
-    if not 68 <= cfg.calico.mtu <= 65535:
-        raise ca.fail("mtu", f"must be between 68 and 65535, got {cfg.calico.mtu}")
-    cfg.calico.docker_endpoint = ca.pop("docker_endpoint", str, cfg.calico.docker_endpoint)
-    if "://" not in cfg.calico.docker_endpoint:
-        raise ca.fail("docker_endpoint", "must look like unix:///path/docker.sock or "
-                      f"tcp://host:port, got {cfg.calico.docker_endpoint!r}")
-    cfg.calico.docker_timeout = ca.pop("docker_timeout", float, cfg.calico.docker_timeout)
-    if not 0 < cfg.calico.docker_timeout <= 300:
-        raise ca.fail("docker_timeout", "must be between 0 and 300 seconds, got "
-                      f"{cfg.calico.docker_timeout}")
-    cfg.calico.ip = ca.pop("ip", str, cfg.calico.ip).strip()
-    if cfg.calico.ip:
-        try:
-            cfg.calico.ip = str(ipaddress.IPv4Address(cfg.calico.ip))
-        except ValueError:
-            raise ca.fail("ip", "must be this host's IPv4 address (or absent: "
-                          f"auto-detect), got {cfg.calico.ip!r}") from None
-    ca.finish()
-
-    nu_table = top.table.pop("nuage", {})
-    if not isinstance(nu_table, dict):
-        raise top.fail("nuage", f"must be a table ([nuage]), got {nu_table!r}")
-    for key in seed_nuage:
-        if key in nu_table:
-            alias = next(a for a, k in SEED_NUAGE_ALIASES.items() if k == key)
-            raise top.fail(alias, f"and 'nuage.{key}' are both set; keep one")
-    nu = _Reader(path, {**seed_nuage, **nu_table}, "nuage")
-    n = cfg.nuage
-    n.vrs_endpoint = nu.pop("vrs_endpoint", str, n.vrs_endpoint)
-    n.vrs_port = nu.pop("vrs_port", int, n.vrs_port)
-    if not 1 <= n.vrs_port <= 65535:
-        raise nu.fail("vrs_port", f"must be a TCP port, got {n.vrs_port}")
-    n.vrs_bridge = nu.pop("vrs_bridge", str, n.vrs_bridge)
-    n.docker_endpoint = nu.pop("docker_endpoint", str, n.docker_endpoint)
-    n.resolve_timeout = nu.pop("resolve_timeout", float, n.resolve_timeout)
-    n.vrs_timeout = nu.pop("vrs_timeout", float, n.vrs_timeout)
-    n.docker_timeout = nu.pop("docker_timeout", float, n.docker_timeout)
-    for key in ("resolve_timeout", "vrs_timeout", "docker_timeout"):
-        value = getattr(n, key)
-        if not 0 < value <= 300:
-            raise nu.fail(key, f"must be between 0 and 300 seconds, got {value}")
-    n.vrs_endpoint = n.vrs_endpoint.strip()
-    vrs_path = n.vrs_endpoint[5:] if n.vrs_endpoint.startswith("unix:") else None
-    if vrs_path is not None and not vrs_path.startswith("/"):
-        raise nu.fail("vrs_endpoint", f"must be unix:/absolute/path/db.sock, got {n.vrs_endpoint!r}")
-    if vrs_path is None and (not n.vrs_endpoint or "/" in n.vrs_endpoint
-                             or any(c.isspace() for c in n.vrs_endpoint)):
-        raise nu.fail("vrs_endpoint", "must be a host name, an IP address or "
-                      f"unix:/path/db.sock, got {n.vrs_endpoint!r}")
-    if not n.vrs_bridge.strip():
-        raise nu.fail("vrs_bridge", "must not be empty")
-    if "://" not in n.docker_endpoint:
-        raise nu.fail("docker_endpoint", "must look like unix:///path/docker.sock or "
-                      f"tcp://host:port, got {n.docker_endpoint!r}")
-    n.hostname = nu.pop("hostname", str, "") or default_hostname()
-    nu.finish()
+    for name, module in tables:
+        table = top.table.pop(name, {})
+        if not isinstance(table, dict):
+            raise top.fail(name, f"must be a table ([{name}]), got {table!r}")
+        aliases = getattr(module, "TOP_LEVEL_ALIASES", {})
+        for key in aliased[name]:
+            if key in table:
+                alias = next(a for a, k in aliases.items() if k == key)
+                raise top.fail(alias, f"and '{name}.{key}' are both set; keep one")
+        reader = Reader(path, {**aliased[name], **table}, name)
+        cfg.tables[name] = module.parse(reader, cfg)
+        reader.finish()
 
     top.finish()
     return cfg
@@ -273,29 +221,21 @@ def parse_config(data: Dict[str, Any], path: str = "<config>") -> Config:
 
 def load_config(path: str) -> Config:
     """Read and validate ``path``; raise ``ConfigError`` on any user error."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a config file") from None
-    except PermissionError:
-        raise ConfigError(f"{path}: permission denied") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a UTF-8 text file") from None
-    return parse_config(data, path)
+    return parse_config(read_file(path), path)
 
 
 def config_from_text(text: str, path: str = "<string>") -> Config:
     """Parse TOML text (tests and tools)."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
-    return parse_config(data, path)
+    return parse_config(read_text(text, path), path)
+
+
+def split_address(text: str):
+    """``"127.0.0.1:9091"`` (or ``"[::1]:9091"``) -> ("127.0.0.1", 9091)."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be HOST:PORT such as 127.0.0.1:9091, got {text!r}")
+    return host, int(port)
 
 
 def describe(cfg: Optional[Config]) -> str:  # used in the start-up log line

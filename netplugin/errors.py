@@ -1,4 +1,5 @@
 """Exceptions shared by the front-end, the datastores and the backends.
+Owns the error classes and which HTTP answer each becomes; raised everywhere, defined here only.
 
 Every exception that reaches the Flask app as a ``PluginError`` is answered to
 Docker as HTTP 500 ``{"Err": str(exc), "Error": str(exc)}``.
@@ -19,6 +20,10 @@ class NotFound(PluginError):
 
 class Conflict(PluginError):
     """The request clashes with existing state (address taken, already exists)."""
+
+
+class BodyTooLarge(InvalidRequest):
+    """The request body is over the plugin's limit (answered HTTP 413)."""
 
 
 class NotSupported(PluginError):

@@ -1,4 +1,5 @@
 """Small Linux networking helpers (pyroute2 and /proc/sys) for backends.
+Owns every netlink and sysctl call of the backends (veths, addresses, routes, link dumps).
 
 Every function works in the current network namespace, opens its own netlink
 socket, does one thing and is idempotent where that makes sense (deleting an
@@ -15,6 +16,8 @@ import ipaddress
 import logging
 import os
 import socket
+import struct
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
 
 from pyroute2 import IPRoute
@@ -107,6 +110,98 @@ def link_info(name: str) -> Optional[Dict[str, object]]:
                 "kind": kind}
 
 
+@dataclass(frozen=True)
+class Link:
+    """What the agents need of one interface (``list_links``)."""
+    name: str
+    index: int
+    kind: Optional[str] = None             # IFLA_INFO_KIND ("veth", ...)
+    peer_index: Optional[int] = None       # IFLA_LINK
+    peer_netnsid: Optional[int] = None     # IFLA_LINK_NETNSID: >= 0 when the peer is elsewhere
+    alias: Optional[str] = None            # IFLA_IFALIAS
+
+
+_NLMSG = struct.Struct("=IHHII")           # len, type, flags, seq, pid
+_IFINFO = struct.Struct("=BxHiII")         # family, type, index, flags, change
+_RTA = struct.Struct("=HH")                # len, type
+_RTM_GETLINK, _RTM_NEWLINK, _NLMSG_DONE, _NLMSG_ERROR = 18, 16, 3, 2
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_IFLA_IFNAME, _IFLA_LINK, _IFLA_LINKINFO, _IFLA_IFALIAS = 3, 5, 18, 20
+_IFLA_LINK_NETNSID, _IFLA_INFO_KIND, _IFLA_EXT_MASK = 37, 1, 29
+
+
+def _attrs(data: bytes, start: int, end: int) -> Iterator[tuple]:
+    while start + 4 <= end:
+        length, kind = _RTA.unpack_from(data, start)
+        if length < 4:
+            return
+        yield kind & 0x3FFF, start + 4, start + length
+        start += (length + 3) & ~3
+
+
+def _cstr(data: bytes, start: int, end: int) -> str:
+    return data[start:end].split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def list_links(prefixes: tuple = ()) -> List[Link]:
+    """The interfaces of the current netns whose name starts with one of
+    ``prefixes`` (all when empty): one RTM_GETLINK dump read with a minimal
+    parser, since the agents list the links every second and pyroute2's full
+    decoding of hundreds of veths costs tens of milliseconds and megabytes."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                         socket.NETLINK_ROUTE)
+    out: List[Link] = []
+    try:
+        sock.settimeout(10)
+        sock.bind((0, 0))
+        body = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+        ext = _RTA.pack(8, _IFLA_EXT_MASK) + struct.pack("=I", 0)
+        sock.send(_NLMSG.pack(_NLMSG.size + len(body) + len(ext), _RTM_GETLINK,
+                              _NLM_F_REQUEST_DUMP, 1, 0) + body + ext)
+        while True:
+            data = sock.recv(1 << 16)
+            offset = 0
+            while offset + _NLMSG.size <= len(data):
+                length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(data, offset)
+                if length < _NLMSG.size:
+                    raise PluginError("cannot list links: malformed netlink answer")
+                if mtype == _NLMSG_DONE:
+                    return out
+                if mtype == _NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", data, offset + _NLMSG.size)[0]
+                    raise PluginError(f"cannot list links: {os.strerror(code)}")
+                if mtype == _RTM_NEWLINK:
+                    link = _parse_link(data, offset + _NLMSG.size, offset + length)
+                    if link is not None and (not prefixes or link.name.startswith(prefixes)):
+                        out.append(link)
+                offset += (length + 3) & ~3
+    except OSError as exc:
+        raise PluginError(f"cannot list links: {_reason(exc)}") from exc
+    finally:
+        sock.close()
+
+
+def _parse_link(data: bytes, start: int, end: int) -> Optional[Link]:
+    _family, _type, index, _flags, _change = _IFINFO.unpack_from(data, start)
+    fields: Dict[str, object] = {}
+    for kind, a, b in _attrs(data, start + _IFINFO.size, end):
+        if kind == _IFLA_IFNAME:
+            fields["name"] = _cstr(data, a, b)
+        elif kind == _IFLA_LINK and b - a >= 4:
+            fields["peer_index"] = struct.unpack_from("=I", data, a)[0]
+        elif kind == _IFLA_LINK_NETNSID and b - a >= 4:
+            fields["peer_netnsid"] = struct.unpack_from("=i", data, a)[0]
+        elif kind == _IFLA_IFALIAS:
+            fields["alias"] = _cstr(data, a, b) or None
+        elif kind == _IFLA_LINKINFO:
+            for sub, c, d in _attrs(data, a, b):
+                if sub == _IFLA_INFO_KIND:
+                    fields["kind"] = _cstr(data, c, d)
+    if "name" not in fields:
+        return None
+    return Link(index=index, **fields)
+
+
 def delete_link(name: str) -> bool:
     """Delete interface ``name``; return False (no error) if it does not exist.
 
@@ -127,13 +222,15 @@ def delete_link(name: str) -> bool:
 
 
 def create_veth(name: str, peer: str, mtu: Optional[int] = None,
-                peer_mac: Optional[str] = None) -> None:
+                peer_mac: Optional[str] = None, alias: Optional[str] = None) -> None:
     """Create the veth pair ``name`` <-> ``peer``, both ends down.
 
     An existing interface called ``name`` (e.g. left by an earlier attempt) is
     deleted first, which also removes its old peer.  An unrelated interface
     already called ``peer`` is left alone and makes this fail ("File exists").
-    ``mtu`` applies to both ends; ``peer_mac`` sets the peer's MAC address."""
+    ``mtu`` applies to both ends; ``peer_mac`` sets the peer's MAC address;
+    ``alias`` (IFLA_IFALIAS, ``ip link show`` prints it) marks ``name`` as
+    ours, so that a cleanup never touches an interface it did not create."""
     _check_ifname(name)
     _check_ifname(peer)
     if name == peer:
@@ -149,6 +246,22 @@ def create_veth(name: str, peer: str, mtu: Optional[int] = None,
         peer_spec["address"] = peer_mac.lower()
     with _netlink(f"create veth {name}") as ipr:
         ipr.link("add", ifname=name, kind="veth", peer=peer_spec, **attrs)
+        if alias:
+            try:
+                ipr.link("set", index=_require_index(ipr, name), ifalias=alias)
+            except (NetlinkError, OSError):
+                ipr.link("del", index=_require_index(ipr, name))   # no unmarked veth
+                raise
+
+
+def link_alias(name: str) -> Optional[str]:
+    """The IFLA_IFALIAS of interface ``name`` (None: no alias or no interface)."""
+    _check_ifname(name)
+    with _netlink(f"read link {name}") as ipr:
+        links = ipr.link_lookup(ifname=name)
+        if not links:
+            return None
+        return ipr.get_links(links[0])[0].get("IFLA_IFALIAS") or None
 
 
 def set_link_up(name: str) -> None:

@@ -1,4 +1,5 @@
 """The libnetwork remote driver protocol: typed requests and responses.
+Owns the wire shapes and their bounds; no backend logic.
 
 Every request body Docker sends is validated here into a frozen dataclass
 before any backend sees it; a body of the wrong shape raises
@@ -22,10 +23,19 @@ MAC_OPTION = "com.docker.network.endpoint.macaddress"
 REQUEST_ADDRESS_TYPE = "RequestAddressType"
 GATEWAY_ADDRESS_TYPE = "com.docker.network.gateway"
 
-# Docker IDs are 64 hex characters; accept any non-empty [A-Za-z0-9_.-] token
-# (tests and other orchestrators use shorter ones) but nothing that could
-# escape a datastore key or an interface name.
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Docker IDs are 64 hex characters (swarm network IDs 25 alphanumerics);
+# accept any non-empty [A-Za-z0-9_.-] token of at most 64 characters (tests
+# and other orchestrators use shorter ones) but nothing that could escape a
+# datastore key or an interface name.
+MAX_ID = 64
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}$" % (MAX_ID - 1))
+
+# Bounds of every other field (Docker's are far smaller; the body as a
+# whole is capped at 1 MiB by the app).
+MAX_STRING = 4096        # option values, SandboxKey (a path)
+MAX_KEY = 256            # option names, PoolID, AddressSpace, addresses
+MAX_ENTRIES = 256        # entries of one object or list
+MAX_DEPTH = 8            # nesting of option values
 _MAC_RE = re.compile(r"^([0-9A-Fa-f]{2}[:-]){5}[0-9A-Fa-f]{2}$")
 
 
@@ -42,7 +52,8 @@ def _body(body: Any) -> Mapping[str, Any]:
     return body
 
 
-def _str(body: Mapping[str, Any], name: str, required: bool = False) -> str:
+def _str(body: Mapping[str, Any], name: str, required: bool = False,
+         limit: int = MAX_KEY) -> str:
     value = body.get(name)
     if value is None:
         value = ""
@@ -51,6 +62,34 @@ def _str(body: Mapping[str, Any], name: str, required: bool = False) -> str:
             f"{name} must be a string, got {type(value).__name__}")
     if required and not value:
         raise InvalidRequest(f"{name} is required")
+    if len(value) > limit:
+        raise InvalidRequest(f"{name} is too long ({len(value)} characters, at most {limit})")
+    return value
+
+
+def _bounded(value: Any, what: str, depth: int = 0) -> Any:
+    """A JSON value within the bounds above (option values may nest)."""
+    if depth > MAX_DEPTH:
+        raise InvalidRequest(f"{what} is nested too deeply (at most {MAX_DEPTH} levels)")
+    if isinstance(value, str):
+        if len(value) > MAX_STRING:
+            raise InvalidRequest(f"{what} is too long ({len(value)} characters, "
+                                 f"at most {MAX_STRING})")
+    elif isinstance(value, dict):
+        if len(value) > MAX_ENTRIES:
+            raise InvalidRequest(f"{what} has too many entries ({len(value)}, "
+                                 f"at most {MAX_ENTRIES})")
+        for k, v in value.items():
+            if len(k) > MAX_KEY:
+                raise InvalidRequest(f"{what} has a key of {len(k)} characters "
+                                     f"(at most {MAX_KEY})")
+            _bounded(v, f"{what}[{k[:40]!r}]", depth + 1)
+    elif isinstance(value, list):
+        if len(value) > MAX_ENTRIES:
+            raise InvalidRequest(f"{what} has too many entries ({len(value)}, "
+                                 f"at most {MAX_ENTRIES})")
+        for i, v in enumerate(value):
+            _bounded(v, f"{what}[{i}]", depth + 1)
     return value
 
 
@@ -76,7 +115,7 @@ def _map(body: Mapping[str, Any], name: str) -> Dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise InvalidRequest(f"{name} must be an object, got {type(value).__name__}")
-    return dict(value)
+    return dict(_bounded(value, name))
 
 
 def _str_map(body: Mapping[str, Any], name: str) -> Dict[str, str]:
@@ -152,6 +191,8 @@ def _ipam_list(body: Mapping[str, Any], name: str, version: int) -> Tuple[IPAMDa
         return ()
     if not isinstance(raw, list):
         raise InvalidRequest(f"{name} must be a list, got {type(raw).__name__}")
+    if len(raw) > MAX_ENTRIES:
+        raise InvalidRequest(f"{name} has too many entries ({len(raw)}, at most {MAX_ENTRIES})")
     return tuple(IPAMData.parse(item, name, version) for item in raw)
 
 
@@ -184,6 +225,31 @@ class CreateNetworkRequest:
                    ipv4_data=_ipam_list(body, "IPv4Data", 4),
                    ipv6_data=_ipam_list(body, "IPv6Data", 6),
                    raw=dict(body))
+
+
+@dataclass(frozen=True)
+class GwAllocCheckRequest:
+    """Docker >= 28 (when GetCapabilities says ``GwAllocChecker``), before
+    CreateNetwork: may the network do without a gateway address?"""
+    options: Dict[str, Any]
+    generic_options: Dict[str, Any]
+
+    @classmethod
+    def parse(cls, body: Any) -> "GwAllocCheckRequest":
+        options = _map(_body(body), "Options")
+        generic = options.get(GENERIC_OPTIONS) or {}
+        if not isinstance(generic, dict):
+            raise InvalidRequest(f"Options[{GENERIC_OPTIONS!r}] must be an object")
+        return cls(options, dict(generic))
+
+
+@dataclass(frozen=True)
+class GwAllocCheckResponse:
+    skip_ipv4: bool = False
+    skip_ipv6: bool = False
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"SkipIPv4": self.skip_ipv4, "SkipIPv6": self.skip_ipv6}
 
 
 @dataclass(frozen=True)
@@ -287,7 +353,8 @@ class JoinRequest:
     def parse(cls, body: Any) -> "JoinRequest":
         body = _body(body)
         return cls(_id(body, "NetworkID"), _id(body, "EndpointID"),
-                   _str(body, "SandboxKey", required=True), _map(body, "Options"))
+                   _str(body, "SandboxKey", required=True, limit=MAX_STRING),
+                   _map(body, "Options"))
 
 
 @dataclass(frozen=True)
@@ -313,7 +380,7 @@ class DiscoveryRequest:
         dtype = body.get("DiscoveryType", 0)
         if isinstance(dtype, bool) or not isinstance(dtype, int):
             raise InvalidRequest("DiscoveryType must be an integer")
-        return cls(dtype, body.get("DiscoveryData"))
+        return cls(dtype, _bounded(body.get("DiscoveryData"), "DiscoveryData"))
 
 
 # --------------------------------------------------------------------------

@@ -20,14 +20,25 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self.unix_path)
 
 
-def post(sock_path: str, path: str, body: bytes = b"", timeout: float = 30,
-         headers: Optional[Dict[str, str]] = None) -> Tuple[int, bytes]:
-    """POST ``body`` to ``path`` on the socket (no Content-Type unless given,
-    as dockerd does); return (HTTP status, response body)."""
+def request(method: str, sock_path: str, path: str, body: Optional[bytes] = None,
+            timeout: float = 30, headers: Optional[Dict[str, str]] = None
+            ) -> Tuple[int, bytes]:
+    """One HTTP request on the socket; return (HTTP status, response body)."""
     conn = UnixHTTPConnection(sock_path, timeout)
     try:
-        conn.request("POST", path, body=body, headers=headers or {})
+        conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
         conn.close()
+
+
+def post(sock_path: str, path: str, body: bytes = b"", timeout: float = 30,
+         headers: Optional[Dict[str, str]] = None) -> Tuple[int, bytes]:
+    """POST ``body`` to ``path`` on the socket (no Content-Type unless given,
+    as dockerd does); return (HTTP status, response body)."""
+    return request("POST", sock_path, path, body, timeout, headers)
+
+
+def get(sock_path: str, path: str, timeout: float = 30) -> Tuple[int, bytes]:
+    return request("GET", sock_path, path, None, timeout)

@@ -106,28 +106,58 @@ class _Server:
 
 
 class EtcdServer(_Server):
+    """One etcd member (v2 API enabled too).  ``tls``: a ``TlsFiles`` whose
+    server certificate the client URL serves (client certificates
+    required); ``cluster``/``name``: a member of ``EtcdCluster``."""
+
     kind = "etcd"
 
-    def __init__(self, binary: str = "etcd"):
+    def __init__(self, binary: str = "etcd", tls: "Optional[TlsFiles]" = None,
+                 name: str = "default", peer_port: Optional[int] = None,
+                 initial_cluster: str = ""):
         super().__init__()
         self.binary = shutil.which(binary) or binary
         self.client_port = free_port()
-        self.peer_port = free_port()
-        self.url = f"http://127.0.0.1:{self.client_port}"
+        self.peer_port = peer_port or free_port()
+        self.tls = tls
+        self.name = name
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.client_port}"
         self.peer_url = f"http://127.0.0.1:{self.peer_port}"
+        self.initial_cluster = initial_cluster or f"{name}={self.peer_url}"
         self.data_dir = os.path.join(self.dir, "data")
 
     def argv(self) -> List[str]:
-        return [self.binary, "--enable-v2=true", "--name", "default",
+        argv = [self.binary, "--enable-v2=true", "--name", self.name,
                 "--data-dir", self.data_dir,
                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
                 "--listen-peer-urls", self.peer_url,
                 "--initial-advertise-peer-urls", self.peer_url,
-                "--initial-cluster", f"default={self.peer_url}",
+                "--initial-cluster", self.initial_cluster,
+                "--initial-cluster-state", "new",
+                "--heartbeat-interval", "50", "--election-timeout", "500",
                 "--log-level", "error"]
+        if self.tls:
+            argv += ["--cert-file", self.tls.server_cert, "--key-file", self.tls.server_key,
+                     "--client-cert-auth", "--trusted-ca-file", self.tls.ca]
+        return argv
+
+    def _get(self, path: str) -> Optional[bytes]:
+        if not self.tls:
+            return _http_get(self.url + path)
+        import ssl
+        ctx = ssl.create_default_context(cafile=self.tls.ca)
+        ctx.load_cert_chain(self.tls.client_cert, self.tls.client_key)
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=1.0, context=ctx) as resp:
+                return resp.read() if resp.status == 200 else None
+        except OSError:
+            return None
 
     def healthy(self) -> bool:
-        body = _http_get(self.url + "/health")
+        if self.name != "default":  # a cluster member: answering is enough
+            return self._get("/version") is not None
+        body = self._get("/health")
         if not body:
             return False
         try:
@@ -136,7 +166,90 @@ class EtcdServer(_Server):
         except ValueError:
             return False
         # the v2 API the adapter uses must answer too
-        return _http_get(self.url + "/v2/keys/") is not None
+        return self._get("/v2/keys/") is not None
+
+
+class TlsFiles:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate,
+    made with openssl in ``directory``; ``other_ca`` signs nothing we use."""
+
+    def __init__(self, directory: str):
+        self.dir = directory
+        j = lambda name: os.path.join(directory, name)  # noqa: E731
+        self.ca, self.ca_key = j("ca.pem"), j("ca-key.pem")
+        self.other_ca, self.other_ca_key = j("other-ca.pem"), j("other-ca-key.pem")
+        self.server_cert, self.server_key = j("server.pem"), j("server-key.pem")
+        self.client_cert, self.client_key = j("client.pem"), j("client-key.pem")
+        self.other_client_cert, self.other_client_key = j("other-client.pem"), j("other-client-key.pem")
+        self._ca(self.ca, self.ca_key, "netplugin test CA")
+        self._ca(self.other_ca, self.other_ca_key, "some other CA")
+        self._leaf(self.server_cert, self.server_key, self.ca, self.ca_key, "127.0.0.1",
+                   "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth")
+        self._leaf(self.client_cert, self.client_key, self.ca, self.ca_key, "netplugin",
+                   "extendedKeyUsage=clientAuth")
+        self._leaf(self.other_client_cert, self.other_client_key, self.other_ca,
+                   self.other_ca_key, "netplugin", "extendedKeyUsage=clientAuth")
+
+    @staticmethod
+    def _openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    def _ca(self, cert: str, key: str, cn: str) -> None:
+        self._openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                      "-out", cert, "-days", "2", "-subj", f"/CN={cn}")
+
+    def _leaf(self, cert: str, key: str, ca: str, ca_key: str, cn: str, ext: str) -> None:
+        csr, extfile = cert + ".csr", cert + ".ext"
+        with open(extfile, "w") as f:
+            f.write(ext.replace("\\n", "\n") + "\n")
+        self._openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+                      "-subj", f"/CN={cn}")
+        self._openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key,
+                      "-CAcreateserial", "-out", cert, "-days", "2", "-extfile", extfile)
+
+
+class EtcdCluster:
+    """Three etcd members on loopback ports; ``urls`` lists their client URLs."""
+
+    def __init__(self, size: int = 3):
+        ports = [free_port() for _ in range(size)]
+        names = [f"m{n}" for n in range(size)]
+        initial = ",".join(f"{n}=http://127.0.0.1:{p}" for n, p in zip(names, ports))
+        self.members = [EtcdServer(name=n, peer_port=p, initial_cluster=initial)
+                        for n, p in zip(names, ports)]
+        self.urls = [m.url for m in self.members]
+
+    def start(self) -> None:
+        procs = []
+        for m in self.members:   # all at once: a member waits for its peers
+            log = open(m.log_path, "ab")
+            try:
+                m.proc = subprocess.Popen(m.argv(), stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, cwd=m.dir)
+            finally:
+                log.close()
+            procs.append(m.proc)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not all(m.healthy() for m in self.members):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                tails = "\n".join(m.log_tail() for m in self.members)
+                self.cleanup()
+                raise RuntimeError(f"etcd cluster not healthy:\n{tails}")
+            time.sleep(0.1)
+
+    def cleanup(self) -> None:
+        for m in self.members:
+            m.cleanup()
+
+
+@contextlib.contextmanager
+def run_etcd_cluster(size: int = 3) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster(size)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.cleanup()
 
 
 class ConsulServer(_Server):
@@ -175,9 +288,9 @@ def _kv_answers(address: str) -> bool:
 
 
 @contextlib.contextmanager
-def run_etcd() -> Iterator[EtcdServer]:
+def run_etcd(tls: "Optional[TlsFiles]" = None) -> Iterator[EtcdServer]:
     """A private, healthy etcd (v2 API enabled); yields the server object."""
-    server = EtcdServer()
+    server = EtcdServer(tls=tls)
     try:
         server.start()
         yield server

@@ -132,7 +132,7 @@ def sysctl(name: str) -> Optional[str]:
 
 def calico_backend(state_path: str, hostname: str = "host-a", mtu: int = 1400):
     """A CalicoBackend on a fresh embedded datastore (wrapped in CountingDatastore)."""
-    import backends.calico  # noqa: F401  (registers "calico")
+    import backends.calico.driver  # noqa: F401  (registers "calico")
     from backends.calico.driver import CalicoBackend
     from netplugin.config import config_from_text
     from netplugin.datastore import CountingDatastore
@@ -142,6 +142,8 @@ def calico_backend(state_path: str, hostname: str = "host-a", mtu: int = 1400):
     cfg = config_from_text(
         f'backend = "calico"\nstate_dir = {json.dumps(state_dir)}\n'
         f'[datastore]\ntype = "embedded"\npath = {json.dumps(state_path)}\n'
-        f'[calico]\nhostname = {json.dumps(hostname)}\nmtu = {mtu}\n')
+        f'[calico]\nhostname = {json.dumps(hostname)}\nmtu = {mtu}\n'
+        # No dockerd here: network names come from -o profile or the tests.
+        f'docker_endpoint = {json.dumps("unix://" + state_dir + "/no-docker.sock")}\n')
     store = CountingDatastore(EmbeddedDatastore.from_config(cfg.datastore))
     return CalicoBackend(cfg, store), store

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from netplugin import unixhttp
 
@@ -37,11 +37,15 @@ class PluginProcess:
         self.config_path = os.path.join(host.dir, f"{name}.cfg")
         self.log_path = os.path.join(host.dir, f"{name}.log")
         self.socket_path = os.path.join(host.plugins_dir, f"{name}.sock")
+        if "[calico]" in config_text and "docker_endpoint" not in config_text:
+            # the lab host's dockerd (its health check and the leak audit ask it)
+            config_text = config_text.replace(
+                "[calico]\n", f'[calico]\ndocker_endpoint = "unix://{host.sock}"\n', 1)
         with open(self.config_path, "w") as f:
             f.write(config_text)
         self.proc: Optional[subprocess.Popen] = None
 
-    def start(self, timeout: float = 30) -> "PluginProcess":
+    def start(self, timeout: float = 30, poll: float = 0.1) -> "PluginProcess":
         self.proc = self.host.spawn([LAUNCHER, "-f", self.config_path], self.log_path)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -53,7 +57,7 @@ class PluginProcess:
                     return self
             except OSError:
                 pass
-            time.sleep(0.1)
+            time.sleep(poll)
         raise RuntimeError(f"plugin did not answer on {self.socket_path}:\n{self.log()}")
 
     def call(self, path: str, body: Any = None, raw: Optional[bytes] = None):
@@ -91,13 +95,31 @@ class PluginProcess:
             return self.proc.wait(10)
 
 
+class LabStore(str):
+    """The lab's etcd as the tests name it: the URL (a str, as before) plus
+    the datastore ``kind`` ("etcd": v2 API, "etcdv3") and every endpoint
+    (a cluster lists its members).  ``etcd_config``/``store`` follow it."""
+
+    def __new__(cls, url: str, kind: str = "etcd", endpoints: Optional[List[str]] = None):
+        self = super().__new__(cls, url)
+        self.kind = kind
+        self.endpoints = list(endpoints or [url])
+        return self
+
+
+def _kind_and_endpoints(url) -> Tuple[str, List[str]]:
+    return getattr(url, "kind", "etcd"), list(getattr(url, "endpoints", None) or [str(url)])
+
+
 def etcd_config(url: str, hostname: str, scope: str = "local", **calico: Any) -> str:
-    """A Calico plugin config on the lab's etcd at ``url``; ``calico`` adds
-    keys of the ``[calico]`` table (strings quoted, numbers as they are)."""
+    """A Calico plugin config on the lab's etcd at ``url`` (a ``LabStore``
+    says which API and endpoints); ``calico`` adds keys of the ``[calico]``
+    table (strings quoted, numbers as they are)."""
+    kind, endpoints = _kind_and_endpoints(url)
     extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in calico.items())
     return (f'scope = "{scope}"\nbackend = "calico"\n'
             'socket = "/run/docker/plugins/calico.sock"\nlog_level = "info"\n'
-            f'[datastore]\ntype = "etcd"\nendpoints = ["{url}"]\ntimeout = 3.0\n'
+            f'[datastore]\ntype = "{kind}"\nendpoints = {json.dumps(endpoints)}\ntimeout = 3.0\n'
             f'[calico]\nhostname = "{hostname}"\n{extra}')
 
 
@@ -108,7 +130,8 @@ def etcd_config(url: str, hostname: str, scope: str = "local", **calico: Any) ->
 _STORE = ("import json, sys\n"
           "from netplugin.config import DatastoreConfig\n"
           "from netplugin.datastore import open_datastore\n"
-          "s = open_datastore(DatastoreConfig(type='etcd', endpoints=[sys.argv[1]]))\n"
+          "kind, endpoints = json.loads(sys.argv[1])\n"
+          "s = open_datastore(DatastoreConfig(type=kind, endpoints=endpoints))\n"
           "op = sys.argv[2]\n"
           "if op == 'list':\n"
           "    print(json.dumps({i.key: i.value for i in s.list_prefix(sys.argv[3])}))\n"
@@ -120,6 +143,8 @@ _STORE = ("import json, sys\n"
           "    s.delete(sys.argv[3])\n"
           "elif op == 'rmtree':\n"
           "    s.delete_prefix(sys.argv[3])\n"
+          "elif op == 'compact':\n"
+          "    print(s.compact())\n"
           "elif op == 'assign':\n"
           "    from backends.calico.ipam import CalicoIpam\n"
           "    print(CalicoIpam(s).auto_assign_one(4, sys.argv[3]))\n")
@@ -128,16 +153,46 @@ _STORE = ("import json, sys\n"
 def store(host, url, *args):
     """A datastore operation (list/get/put/delete/rmtree/assign) from inside
     ``host`` on the etcd at ``url``; returns its stdout."""
-    return host.run(sys.executable, "-c", _STORE, url, *args).stdout
+    return host.run(sys.executable, "-c", _STORE, json.dumps(_kind_and_endpoints(url)),
+                    *args).stdout
 
 
 def etcd_items(host, url, prefix="/calico"):
     """Every key under ``prefix`` (key -> value), host publications
     (``/calico/v1/host/<h>/bird_ip``) left out: they outlive containers."""
     items = json.loads(store(host, url, "list", prefix))
-    return {k: v for k, v in items.items() if not k.endswith("/bird_ip")}
+    return {k: v for k, v in items.items() if not k.endswith(("/bird_ip", "/bird6_ip"))}
 
 
 def container_ip(host, name, network):
     out = host.docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", name).stdout
     return json.loads(out)[network]["IPAddress"]
+
+
+def wait_until(fn, timeout: float = 30.0, interval: float = 0.2, what: str = "condition"):
+    """Call ``fn`` until it returns something true; return that, or raise
+    AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def parse_metrics(text: str) -> Dict[Tuple[str, tuple], float]:
+    """Prometheus exposition text -> {(sample name, sorted label items): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            found[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return found
+
+
+def metric(found, name: str, **labels) -> float:
+    """One sample of ``parse_metrics``'s answer (0 when absent)."""
+    return found.get((name, tuple(sorted(labels.items()))), 0.0)

@@ -1,10 +1,14 @@
-"""Leak audit of the Calico backend: remove what Docker no longer knows.
+"""Leak audit of the Calico backend: find and remove the endpoint records, veths
+and Calico IPAM addresses Docker no longer knows (Auditor, and AuditLoop).
 
 dockerd forgets endpoints it could not delete through us (the plugin was down
 or failing while dockerd restarted and removed its stale sandboxes; a crash
-between two calls); it never tells us again (calico-datastore.md §7,
-docker-remote-driver.md "Scope and restarts").  ``CalicoBackend.audit``
-(``netplugin --audit [--dry-run]``, and once at every agent start-up) finds,
+between two calls), and a remote driver is never told again: libnetwork
+calls a driver only for what it still has, and Calico's datastore keeps an
+endpoint until someone deletes it.  ``CalicoBackend.audit``
+(``netplugin --audit [--dry-run]``) and ``AuditLoop`` (the agent's reconciler:
+at start, every ``[calico] audit_interval`` seconds and when Docker answers
+again; see its docstring) find,
 on THIS host only:
 
 * endpoint records ``/calico/v1/host/<hostname>/workload/libnetwork/libnetwork/
@@ -13,7 +17,8 @@ on THIS host only:
 * ``cali<11 hex>`` veths (with their ``tmp<11 hex>`` peer while it is still on
   the host) that belong to no endpoint Docker knows nor to another workload
   record of this host -> deleted (their routes go with them);
-* Calico IPAM allocations without a handle (the libnetwork kind) that no
+* Calico IPAM allocations without a handle (the libnetwork kind) or with
+  one of our IPAM driver's handles (``netplugin.*``, model.IPAM_HANDLE_PREFIX) that no
   workload record of any host, no tunnel address and nothing Docker knows
   refers to: in blocks affine to this host, plus the addresses of the
   endpoints removed above when their network used Calico IPAM (or is gone)
@@ -24,9 +29,11 @@ Safety rules (never delete on uncertainty):
 1. Docker is asked first-hand over ``[calico] docker_endpoint``; if it cannot
    be reached, or answers anything unexpected, NOTHING is changed and the
    summary says ``"docker": "unreachable: ..."``.
-2. Everything is looked at twice, ``grace`` seconds apart (default 5 s,
-   ``$NETPLUGIN_AUDIT_GRACE``): only what was orphaned at both looks, with
-   both Docker answers, is removed.  RequestAddress precedes CreateEndpoint,
+2. Everything is looked at twice, ``grace`` seconds apart (``[calico]
+   audit_grace``, default the datastore timeout + 5 s; ``$NETPLUGIN_AUDIT_GRACE``
+   overrides it): only what was orphaned at both looks, with both Docker
+   answers, and unchanged in between is removed, at the version of the first
+   look (records compare-and-deleted, blocks compare-and-swapped).  RequestAddress precedes CreateEndpoint,
    which precedes dockerd storing the endpoint, so a fresh allocation or
    record is briefly known to nobody; it is known at the second look.  When
    the first look finds nothing there is no second look (no wait).
@@ -42,10 +49,15 @@ Safety rules (never delete on uncertainty):
    IPIP tunnel addresses and the addresses of every other workload record
    are never released; other hosts' blocks are swept only for the addresses
    of the endpoints removed here.
-6. Only ``cali<11 hex>`` veths are deleted (and a ``tmp<11 hex>`` veth only
+6. Only ``cali<11 hex>`` veths whose alias is Join's marker
+   (``netplugin:calico:<eid>``, model.veth_marker) are deleted: Calico CNI
+   names its veths ``cali*`` too.  An endpoint record is removed only when
+   its veth is gone or is such a marked veth (and a ``tmp<11 hex>`` veth only
    as the host-side peer of one of them).
 
-Docker's view is a seam (``docker_view``) so tests can feed it as data.
+The auditor gets what it works on through its constructor (the datastore,
+the host name, the gateway table, a callable giving Docker's view);
+``auditor_for`` builds one from a CalicoBackend's configuration.
 """
 from __future__ import annotations
 
@@ -53,7 +65,6 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -61,25 +72,21 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Set
 
 from netplugin.datastore import KeyNotFound
 from netplugin.datastore.base import CompareFailed
+from netplugin.docker import DockerClient, DockerUnavailable
+from netplugin.reconcile import Reconciler
 
+from backends.calico import hosts
 from backends.calico import ipam as calico_ipam
-from backends.calico import keys
+from backends.calico import model
+from backends.calico.model import (HOST_DEVICE_RE, ID_CHARS, CorruptRecord, Endpoint,
+                                   NetworkRecord, host_veth_name as host_device_name)
 
 log = logging.getLogger(__name__)
 
 GRACE_ENV = "NETPLUGIN_AUDIT_GRACE"
 DEFAULT_GRACE = 5.0
-DOCKER_API_VERSION = "1.41"     # dockerd 20.10; later versions still serve it
 
-HOST_DEVICE_RE = re.compile(r"^cali([0-9a-f]{11})$")
-TEMP_DEVICE_RE = re.compile(r"^tmp([0-9a-f]{11})$")
-ID_CHARS = 11
-
-IPAddress = calico_ipam.IPAddress
-
-
-class DockerUnavailable(Exception):
-    """Docker could not be asked, or its answer made no sense."""
+IPAddress = model.IPAddress
 
 
 # --------------------------------------------------------------------------
@@ -188,20 +195,10 @@ def parse_docker_view(networks: Any, containers: Any, driver: str) -> DockerView
 
 
 def fetch_docker_view(base_url: str, timeout: float, driver: str) -> DockerView:
-    """Ask dockerd (docker SDK, API 1.41): every network, inspected, and the
-    running containers.  DockerUnavailable on any failure."""
-    try:
-        import docker
-        from docker.errors import NotFound
-    except ImportError as exc:  # pragma: no cover - a dependency of the project
-        raise DockerUnavailable(f"the docker SDK is not installed: {exc}") from None
-    try:
-        api = docker.APIClient(base_url=base_url, version=DOCKER_API_VERSION,
-                               timeout=timeout)
-    except Exception as exc:
-        raise DockerUnavailable(f"{base_url}: {exc}") from None
-    try:
-        listed = api.networks()
+    """Ask dockerd (netplugin.docker, API version negotiated): every network,
+    inspected, and the running containers.  DockerUnavailable on any failure."""
+    with DockerClient(base_url, timeout) as docker:
+        listed = docker.call("list networks", lambda api: api.networks())
         if not isinstance(listed, list):
             raise DockerUnavailable("unexpected answer from Docker: network list")
         inspected = []
@@ -209,24 +206,15 @@ def fetch_docker_view(base_url: str, timeout: float, driver: str) -> DockerView:
             nid = net.get("Id") if isinstance(net, dict) else None
             if not isinstance(nid, str) or not nid:
                 raise DockerUnavailable(f"unexpected answer from Docker: network {net!r:.200}")
-            try:
-                inspected.append(api.inspect_network(nid))
-            except NotFound:
-                continue          # removed since the list: Docker knows nothing of it
+            found = docker.call(f"inspect network {nid[:12]}",
+                                lambda api: api.inspect_network(nid), not_found=None)
+            if found is not None:     # else removed since the list: Docker knows nothing of it
+                inspected.append(found)
         # Running containers only: an exited one keeps the EndpointID and
         # address of an endpoint dockerd failed to delete (observed with
         # 20.10); starting it again creates a new endpoint.
-        containers = api.containers()
+        containers = docker.call("list containers", lambda api: api.containers())
         return parse_docker_view(inspected, containers, driver)
-    except DockerUnavailable:
-        raise
-    except Exception as exc:   # connection refused, timeout, HTTP error, bad JSON...
-        raise DockerUnavailable(f"{base_url}: {type(exc).__name__}: {exc}") from None
-    finally:
-        try:
-            api.close()
-        except Exception:  # pragma: no cover - best effort
-            pass
 
 
 # --------------------------------------------------------------------------
@@ -240,24 +228,18 @@ class Device:
     index: int = 0
     peer_index: Optional[int] = None       # IFLA_LINK
     peer_elsewhere: bool = False           # the peer is in another netns
+    alias: Optional[str] = None            # IFLA_IFALIAS: Join's marker on our veths
 
 
 def list_devices() -> List[Device]:
     """``cali*`` / ``tmp*`` links of the current network namespace."""
-    from pyroute2 import IPRoute
+    from netplugin import linux
 
-    out = []
-    with IPRoute() as ipr:
-        for msg in ipr.get_links():
-            name = msg.get("IFLA_IFNAME") or ""
-            if not name.startswith(("cali", "tmp")):
-                continue
-            info = msg.get("IFLA_LINKINFO")
-            nsid = msg.get("IFLA_LINK_NETNSID")
-            out.append(Device(name=name, kind=info.get("IFLA_INFO_KIND") if info else None,
-                              index=msg["index"], peer_index=msg.get("IFLA_LINK"),
-                              peer_elsewhere=nsid is not None and nsid >= 0))
-    return out
+    return [Device(name=link.name, kind=link.kind, index=link.index,
+                   peer_index=link.peer_index,
+                   peer_elsewhere=link.peer_netnsid is not None and link.peer_netnsid >= 0,
+                   alias=link.alias)
+            for link in linux.list_links(("cali", "tmp"))]
 
 
 def delete_device(name: str) -> bool:
@@ -287,31 +269,20 @@ class Record:
     corrupt: Optional[str] = None      # why it cannot be read
 
 
-def parse_record(key: str, host: str, orchestrator: str, workload: str, eid: str,
-                 value: str, version: int) -> Record:
-    libnet = orchestrator == keys.ORCHESTRATOR and workload == keys.WORKLOAD
-    rec = Record(key, host, libnet, eid, version)
+def parse_record(key: str, value: str, version: int) -> Record:
+    """The audit's view of one workload endpoint item (``corrupt`` says why
+    it cannot be read)."""
+    host, orchestrator, workload, eid = model.parse_endpoint_key(key)
+    rec = Record(key, host, orchestrator == model.ORCHESTRATOR
+                 and workload == model.WORKLOAD, eid, version)
     try:
-        data = json.loads(value)
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        addresses = []
-        for name in ("ipv4_nets", "ipv6_nets"):
-            nets = data.get(name) or []
-            if not isinstance(nets, list):
-                raise ValueError(f"{name} is not a list")
-            for n in nets:
-                if not isinstance(n, str):
-                    raise ValueError(f"{name} holds {n!r}")
-                addresses.append(ipaddress.ip_interface(n).ip)
-        rec.addresses = tuple(addresses)
-        name = data.get("name")
-        rec.name = name if isinstance(name, str) else None
-        profiles = data.get("profile_ids") or []
-        if isinstance(profiles, list) and profiles and isinstance(profiles[0], str):
-            rec.network = profiles[0]
-    except ValueError as exc:
+        ep = Endpoint.from_json(key, value)
+    except CorruptRecord as exc:
         rec.corrupt = str(exc)
+        return rec
+    rec.addresses = ep.ip_addresses()
+    rec.name = ep.name
+    rec.network = ep.network            # network_id, else a profile named after it
     return rec
 
 
@@ -320,7 +291,7 @@ class Snapshot:
     """One look at the datastore, the host's devices and Docker."""
     records: List[Record]                      # every workload endpoint, every host
     tunnel_addresses: Set[IPAddress]
-    network_records: Dict[str, Optional[dict]]  # nid -> CreateNetwork body (None: corrupt)
+    network_records: Dict[str, Optional[NetworkRecord]]  # nid -> record (None: corrupt)
     blocks: Dict[Any, calico_ipam.Block]       # affine blocks (+ others read on demand)
     affine: Set[Any]                           # cidrs of blocks affine to this host
     problems: List[str]                        # reasons found while reading
@@ -340,16 +311,8 @@ class Verdict:
     skipped: List[str]
 
 
-def is_calico_ipam_network(record: Optional[dict]) -> bool:
-    from backends.calico.driver import is_calico_ipam
-    if not isinstance(record, dict):
-        return False
-    for name in ("IPv4Data", "IPv6Data"):
-        for entry in record.get(name) or []:
-            if isinstance(entry, dict) and is_calico_ipam(entry.get("AddressSpace"),
-                                                          entry.get("Gateway")):
-                return True
-    return False
+def is_calico_ipam_network(record: Optional[NetworkRecord]) -> bool:
+    return record is not None and record.calico_ipam
 
 
 # --------------------------------------------------------------------------
@@ -357,51 +320,54 @@ def is_calico_ipam_network(record: Optional[dict]) -> bool:
 
 
 class Auditor:
-    """One audit run for ``backend`` (a CalicoBackend).  ``docker_view``,
-    ``devices`` and ``delete_device`` are seams for tests."""
+    """One audit run on ``store`` for ``host``: ``gateways`` (a GatewayTable)
+    forgets the removed endpoints, ``docker_view()`` asks Docker (raising
+    DockerUnavailable); ``devices`` and ``delete_device`` are seams for tests."""
 
-    def __init__(self, backend, *, docker_view: Optional[Callable[[], DockerView]] = None,
+    def __init__(self, store, host: str, gateways, docker_view: Callable[[], DockerView], *,
                  devices: Optional[Callable[[], List[Device]]] = None,
                  delete_device: Optional[Callable[[str], bool]] = None,
-                 grace: Optional[float] = None, stop: Optional[threading.Event] = None):
-        self.backend = backend
-        self.store = backend.datastore
-        self.host = backend.config.calico.hostname
-        cfg = backend.config
-        self.driver = cfg.driver_name
-        self._docker_view = docker_view or (lambda: fetch_docker_view(
-            cfg.calico.docker_endpoint, cfg.calico.docker_timeout, self.driver))
+                 grace: float = DEFAULT_GRACE, stop: Optional[threading.Event] = None):
+        self.store = store
+        self.host = host
+        self.gateways = gateways
+        self._docker_view = docker_view
         self._devices = devices or list_devices
         self._delete_device = delete_device or delete_device_default()
-        self.grace = default_grace() if grace is None else grace
+        self.grace = grace
         self.stop = stop or threading.Event()
 
     # -- reading ---------------------------------------------------------------
     def _read(self) -> Snapshot:
         """Our state first (datastore, devices), then Docker (rule 3)."""
+        snap = self.read_ours()
+        snap.docker = self._docker_view()
+        return snap
+
+    def docker_view(self) -> DockerView:
+        return self._docker_view()
+
+    def read_ours(self) -> Snapshot:
+        """The datastore and this host's devices (no Docker)."""
         records: List[Record] = []
         tunnels: Set[IPAddress] = set()
         problems: List[str] = []
-        root = keys.HOST_ROOT + "/"
-        for item in self.store.list_prefix(keys.HOST_ROOT):
-            parts = item.key[len(root):].split("/")
-            if len(parts) == 6 and parts[1] == "workload" and parts[4] == "endpoint":
-                records.append(parse_record(item.key, parts[0], parts[2], parts[3], parts[5],
-                                            item.value, item.version))
-            elif len(parts) == 3 and parts[1] == "config" and parts[2] == "IpInIpTunnelAddr":
+        for item in self.store.list_prefix(model.HOST_ROOT):
+            if model.is_endpoint_key(item.key):
+                records.append(parse_record(item.key, item.value, item.version))
+            elif model.tunnel_address_host(item.key) is not None:
                 try:
                     tunnels.add(ipaddress.ip_address(item.value.strip()))
                 except ValueError:
                     if item.value.strip():
                         problems.append(f"tunnel address {item.key} = {item.value!r} "
                                         f"cannot be read")
-        networks: Dict[str, Optional[dict]] = {}
-        for item in self.store.list_prefix(keys.NETWORK_ROOT):
+        networks: Dict[str, Optional[NetworkRecord]] = {}
+        for item in self.store.list_prefix(model.NETWORK_ROOT):
             nid = item.key.rsplit("/", 1)[-1]
             try:
-                body = json.loads(item.value)
-                networks[nid] = body if isinstance(body, dict) else None
-            except ValueError:
+                networks[nid] = NetworkRecord.from_json(nid, item.value, item.version)
+            except CorruptRecord:
                 networks[nid] = None
         blocks: Dict[Any, calico_ipam.Block] = {}
         affine: Set[Any] = set()
@@ -420,9 +386,7 @@ class Auditor:
                 blocks[block.cidr] = block
                 affine.add(block.cidr)
         devices = list(self._devices())
-        snap = Snapshot(records, tunnels, networks, blocks, affine, problems, devices)
-        snap.docker = self._docker_view()
-        return snap
+        return Snapshot(records, tunnels, networks, blocks, affine, problems, devices)
 
     def _read_block(self, snap: Snapshot, cidr) -> Optional[calico_ipam.Block]:
         if cidr not in snap.blocks:
@@ -440,8 +404,14 @@ class Auditor:
                              ) -> Tuple[Dict[str, Record], List[str]]:
         out: Dict[str, Record] = {}
         skipped: List[str] = []
+        unmarked = {d.name for d in snap.devices if not model.is_our_veth(d.name, d.alias)}
         for rec in snap.host_records(self.host):
             if not rec.libnetwork or rec.eid in docker.endpoints:
+                continue
+            if host_device_name(rec.eid) in unmarked:
+                skipped.append(f"endpoint {rec.eid}: Docker does not know it, but veth "
+                               f"{host_device_name(rec.eid)} without netplugin's marker "
+                               f"exists; kept")
                 continue
             if rec.corrupt:
                 skipped.append(f"endpoint {rec.eid}: record is corrupt ({rec.corrupt}); "
@@ -475,9 +445,14 @@ class Auditor:
             m = HOST_DEVICE_RE.match(dev.name)
             if not m or dev.kind != "veth" or m.group(1) in keep_ids or dev.name in keep_names:
                 continue
+            if not model.is_our_veth(dev.name, dev.alias):
+                # Calico CNI's, another tool's, or one made before the marker
+                skipped.append(f"device {dev.name}: not marked as created by netplugin "
+                               f"(alias {dev.alias!r}); left alone")
+                continue
             names = [dev.name]
             peer = by_index.get(dev.peer_index) if not dev.peer_elsewhere else None
-            if peer is not None and peer.name == f"tmp{m.group(1)}":
+            if peer is not None and peer.name == model.temp_veth_name(m.group(1)):
                 names.append(peer.name)
             devices[dev.name] = names
         # addresses ------------------------------------------------------------
@@ -514,8 +489,9 @@ class Auditor:
             if index is None:
                 continue
             attr = block.attributes[index] if index < len(block.attributes) else {}
-            if attr.get("handle_id") is not None:
-                continue            # someone else's allocation (rule 5)
+            handle = attr.get("handle_id")
+            if handle is not None and not model.is_our_ipam_handle(handle):
+                continue            # someone else's allocation, or swarm's (rule 5)
             ip = block.address(ordinal)
             if ip not in referenced:
                 out.add(ip)
@@ -559,11 +535,7 @@ class Auditor:
             second = self._read()
         except DockerUnavailable as exc:
             return self._unreachable(summary, exc)
-        docker = first.docker | second.docker
-        v2 = self._verdict(second, docker, only=set(v1.endpoints))
-        endpoints = {e: r for e, r in v2.endpoints.items() if e in v1.endpoints}
-        devices = {n: v for n, v in v2.devices.items() if n in v1.devices}
-        addresses = (v1.addresses & v2.addresses) - docker.addresses
+        endpoints, devices, addresses, v2 = self.confirm(first, v1, second)
         summary["kept"] = v2.kept
         summary["skipped"] = v2.skipped
         if dry_run:
@@ -574,8 +546,21 @@ class Auditor:
                 log.info("audit (dry run): would remove endpoint %s (network %s, %s)", eid,
                          (rec.network or "?")[:12], _describe(rec.addresses))
             return summary
-        self._remove(summary, endpoints, devices, addresses)
+        self._remove(summary, endpoints, devices, addresses, first.blocks)
         return summary
+
+    def confirm(self, first: Snapshot, v1: Verdict, second: Snapshot
+                ) -> Tuple[Dict[str, Record], Dict[str, List[str]], Set[IPAddress], Verdict]:
+        """What both looks found orphaned, unchanged in between: endpoint
+        records at the same version (removed at that version), devices, and
+        addresses no Docker answer of either look knows."""
+        docker = first.docker | second.docker
+        v2 = self._verdict(second, docker, only=set(v1.endpoints))
+        endpoints = {e: v1.endpoints[e] for e, r in v2.endpoints.items()
+                     if e in v1.endpoints and v1.endpoints[e].version == r.version}
+        devices = {n: v for n, v in v2.devices.items() if n in v1.devices}
+        addresses = (v1.addresses & v2.addresses) - docker.addresses
+        return endpoints, devices, addresses, v2
 
     def _unreachable(self, summary: Dict[str, Any], exc: Exception) -> Dict[str, Any]:
         summary["docker"] = f"unreachable: {exc}"
@@ -583,7 +568,12 @@ class Auditor:
         return summary
 
     def _remove(self, summary: Dict[str, Any], endpoints: Dict[str, Record],
-                devices: Dict[str, List[str]], addresses: Set[IPAddress]) -> None:
+                devices: Dict[str, List[str]], addresses: Set[IPAddress],
+                seen_blocks: Dict[Any, calico_ipam.Block]) -> None:
+        """Apply: records (compare-and-delete at the version of the first look),
+        devices, then addresses (each block compare-and-swapped against the
+        version of the first look: a block that changed since is left for the
+        next run)."""
         errors = summary["errors"]
         for eid, rec in sorted(endpoints.items()):
             try:
@@ -599,7 +589,7 @@ class Auditor:
                 addresses = addresses - set(rec.addresses)
                 continue
             try:
-                self.backend.gateways.release(eid)
+                self.gateways.release(eid)
             except Exception as exc:  # host-local bookkeeping, best effort
                 log.debug("audit: gateway entry of %s: %s", eid, exc)
             summary["endpoints_removed"].append(eid)
@@ -615,25 +605,37 @@ class Auditor:
                 summary["devices_removed"].extend(names)
                 log.info("audit: deleted device %s: it belongs to no endpoint Docker knows",
                          "/".join(names))
-        if addresses:
-            ipam = calico_ipam.CalicoIpam(self.store)
-            for ip in _sorted_ips(addresses):
-                try:
-                    not_allocated = ipam.release_ips([ip])
-                except Exception as exc:
-                    errors.append(f"address {ip}: {exc}")
-                    continue
-                if not not_allocated:
-                    summary["addresses_released"].append(str(ip))
-                    log.info("audit: released Calico IPAM address %s: no endpoint and "
-                             "nothing Docker knows uses it", ip)
+        by_block: Dict[Any, Set[IPAddress]] = {}
+        for ip in addresses:
+            by_block.setdefault(calico_ipam.block_cidr_for(ip), set()).add(ip)
+        for cidr, ips in sorted(by_block.items(), key=lambda kv: (kv[0].version, kv[0])):
+            try:
+                released = self._release_at_version(cidr, ips, seen_blocks.get(cidr))
+            except Exception as exc:
+                errors.append(f"addresses {_describe(_sorted_ips(ips))}: {exc}")
+                continue
+            if released is None:
+                summary["skipped"].append(
+                    f"addresses {_describe(_sorted_ips(ips))}: block {cidr} changed since "
+                    f"the first look; kept for the next run")
+                continue
+            for ip in _sorted_ips(released):
+                summary["addresses_released"].append(str(ip))
+                log.info("audit: released Calico IPAM address %s: no endpoint and "
+                         "nothing Docker knows uses it", ip)
         summary["devices_removed"].sort()
         for line in errors:
             log.warning("audit: %s", line)
 
-
-def host_device_name(eid: str) -> str:
-    return "cali" + eid[:ID_CHARS]
+    def _release_at_version(self, cidr, ips: Set[IPAddress],
+                            seen: Optional[calico_ipam.Block]) -> Optional[Set[IPAddress]]:
+        """Free ``ips`` in block ``cidr`` only if the block is still at the
+        version ``seen`` had and they are ours (rule 5); the addresses freed,
+        or None (it changed)."""
+        if seen is None:
+            return None
+        return calico_ipam.CalicoIpam(self.store).release_at_version(
+            cidr, ips, seen.version, may_release=model.is_our_ipam_handle)
 
 
 def _sorted_ips(ips: Iterable[IPAddress]) -> List[IPAddress]:
@@ -645,10 +647,13 @@ def _describe(addresses: Iterable[IPAddress]) -> str:
     return text or "no address"
 
 
-def default_grace() -> float:
+def default_grace(configured: Optional[float] = None) -> float:
+    """``$NETPLUGIN_AUDIT_GRACE`` if set, else ``[calico] audit_grace`` (whose
+    default is the datastore timeout plus a margin), else DEFAULT_GRACE."""
+    fallback = DEFAULT_GRACE if configured is None else configured
     text = os.environ.get(GRACE_ENV, "").strip()
     if not text:
-        return DEFAULT_GRACE
+        return fallback
     try:
         value = float(text)
         if value < 0 or value > 600:
@@ -656,22 +661,201 @@ def default_grace() -> float:
         return value
     except ValueError:
         log.warning("ignoring %s=%r: not a number of seconds between 0 and 600; using %s",
-                    GRACE_ENV, text, DEFAULT_GRACE)
-        return DEFAULT_GRACE
+                    GRACE_ENV, text, fallback)
+        return fallback
+
+
+def auditor_for(backend, *, docker_view: Optional[Callable[[], DockerView]] = None,
+                grace: Optional[float] = None, **seams) -> Auditor:
+    """The Auditor of a CalicoBackend: its datastore, ``[calico] hostname``,
+    gateway table, and Docker over ``[calico] docker_endpoint``."""
+    cfg = backend.config
+    driver = cfg.driver_name
+    if docker_view is None:
+        def docker_view() -> DockerView:
+            return fetch_docker_view(cfg.calico.docker_endpoint, cfg.calico.docker_timeout,
+                                     driver)
+    return Auditor(backend.datastore, cfg.calico.hostname, backend.gateways, docker_view,
+                   grace=default_grace(cfg.calico.audit_grace) if grace is None else grace,
+                   **seams)
 
 
 def audit(backend, dry_run: bool = False, **seams) -> Dict[str, Any]:
     """``CalicoBackend.audit``: one audit run, summary dict."""
-    return Auditor(backend, **seams).run(dry_run=dry_run)
+    return auditor_for(backend, **seams).run(dry_run=dry_run)
 
 
-def audit_at_startup(backend, stop: Optional[threading.Event] = None) -> None:
-    """The agent's start-up audit: a failure is logged, never raised."""
-    started = time.monotonic()
-    try:
-        summary = Auditor(backend, stop=stop).run()
-    except Exception as exc:
-        log.warning("start-up audit failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
-        return
-    log.info("start-up audit done in %.1f s: %s", time.monotonic() - started,
-             json.dumps(summary, sort_keys=True))
+# --------------------------------------------------------------------------
+# the agent's periodic reconciler
+
+
+@dataclass
+class _Look:
+    at: float                                   # time.monotonic()
+    snap: Snapshot
+    verdict: Verdict
+    gone_hosts: Dict[str, Any]                  # removed host -> hosts.HostLeftovers
+
+
+@dataclass
+class AuditChanges:
+    """One completed audit cycle: what two looks agree is leaked."""
+    endpoints: Dict[str, Record]
+    devices: Dict[str, List[str]]
+    addresses: Set[IPAddress]
+    seen_blocks: Dict[Any, calico_ipam.Block]   # blocks of the first look (versions)
+    hosts: Dict[str, Any]                       # removed host -> confirmed leftovers
+    referenced: Set[IPAddress]                  # addresses in use anywhere
+    release_ok: bool = True                     # False: a corrupt record, release nothing
+    kept: int = 0
+    skipped: List[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:                 # a completed cycle is always applied
+        return True
+
+
+class AuditLoop:
+    """The leak audit as a loop, once per host in the agent process.
+
+    Each run is one look (``Reconciler``): our state first (observe: workload
+    records, blocks, devices, removed hosts' leftovers), then Docker's
+    (desired); what looks leaked is confirmed by a later look at least
+    ``grace`` seconds after the first (default: the datastore timeout plus a
+    margin), with the same versions, and removed at those versions (apply).
+    Runs at start, every ``[calico] audit_interval`` seconds, sooner while a
+    confirmation is due; while Docker cannot be asked (at boot dockerd often
+    starts after the plugin) nothing is removed and the run is retried with
+    backoff, so the audit runs as soon as Docker is back.  Also sweeps the
+    hosts removed with ``netpluginctl host remove`` (backends/calico/hosts.py)."""
+
+    def __init__(self, backend=None, *, auditor: Optional[Auditor] = None,
+                 interval: Optional[float] = None, grace: Optional[float] = None, **seams):
+        """Either ``auditor`` (and ``interval``), or a CalicoBackend to build
+        them from (``auditor_for``, ``[calico] audit_interval``)."""
+        self.auditor = auditor or auditor_for(backend, grace=grace, **seams)
+        self.store, self.host, self.grace = (self.auditor.store, self.auditor.host,
+                                             self.auditor.grace)
+        if interval is None:
+            interval = backend.config.calico.audit_interval
+        self._first: Optional[_Look] = None
+        self._cycle_started: Optional[float] = None
+        self._startup = True            # the first completed cycle is logged as such
+        self.cycles = 0                 # completed cycles (tests)
+        self.last_summary: Optional[Dict[str, Any]] = None
+        self.reconciler = Reconciler(
+            "calico audit", observe=self._observe, desired=self._desired,
+            diff=self._diff, apply=self._apply, interval=interval,
+            retry=min(1.0, interval), max_retry=max(min(30.0, interval), min(1.0, interval)))
+
+    def run(self, stop: threading.Event) -> None:
+        self.auditor.stop = stop
+        try:
+            if hosts.forget_removal(self.store, self.host):
+                log.warning("this host (%s) had been removed with 'netpluginctl host "
+                            "remove'; its agent runs again, so it is back", self.host)
+        except Exception as exc:  # the datastore may be down: the loop retries the rest
+            log.warning("audit: cannot check this host's removal mark: %s", exc)
+        self.reconciler.run(stop)
+
+    # -- the four steps -------------------------------------------------------
+    def _observe(self) -> Tuple[Snapshot, Dict[str, Any]]:
+        if self._cycle_started is None:
+            self._cycle_started = time.monotonic()
+        snap = self.auditor.read_ours()
+        gone = {h: hosts.look(self.store, h) for h in hosts.removed_hosts(self.store)
+                if h != self.host}
+        return snap, gone
+
+    def _desired(self) -> DockerView:
+        try:
+            return self.auditor.docker_view()
+        except DockerUnavailable as exc:       # the loop backs off and retries
+            raise DockerUnavailable(f"Docker cannot be asked ({exc}); nothing "
+                                    f"removed") from None
+
+    def _diff(self, docker: DockerView, observed) -> Optional[AuditChanges]:
+        snap, gone = observed
+        snap.docker = docker
+        now = time.monotonic()
+        verdict = self.auditor._verdict(snap, docker)
+        leaked = bool(verdict.endpoints or verdict.devices or verdict.addresses
+                      or any(not g.empty() for g in gone.values()))
+        first = self._first
+        if first is not None and now - first.at < self.grace:
+            self.reconciler.recheck_in(first.at + self.grace - now)
+            return None                                  # confirmation not due yet
+        changes: Optional[AuditChanges] = None
+        if first is not None:
+            endpoints, devices, addresses, v2 = self.auditor.confirm(first.snap,
+                                                                     first.verdict, snap)
+            confirmed = {h: hosts.confirmed(first.gone_hosts[h], g) for h, g in gone.items()
+                         if h in first.gone_hosts}
+            referenced, release_ok = self._referenced(first.snap, snap)
+            changes = AuditChanges(endpoints, devices, addresses, first.snap.blocks,
+                                   {h: c for h, c in confirmed.items() if not c.empty()},
+                                   referenced, release_ok, v2.kept, v2.skipped)
+        elif not leaked:
+            changes = AuditChanges({}, {}, set(), {}, {}, set(), True, verdict.kept,
+                                   verdict.skipped)
+        self._first = None
+        if leaked and changes is not None:
+            # what this cycle removes is still in this look: look again at
+            # once (after the removal) to start the next confirmation
+            self.reconciler.recheck_in(0.0)
+        elif leaked:
+            self._first = _Look(now, snap, verdict, gone)   # the first look
+            self.reconciler.recheck_in(self.grace)
+            if changes is None:
+                log.info("audit: %d endpoint(s), %d device(s), %d address(es), %d removed "
+                         "host(s) look leaked; checking again in %.1f s",
+                         len(verdict.endpoints), len(verdict.devices), len(verdict.addresses),
+                         sum(1 for g in gone.values() if not g.empty()), self.grace)
+        return changes
+
+    @staticmethod
+    def _referenced(*snaps: Snapshot) -> Tuple[Set[IPAddress], bool]:
+        """(every address any look saw in use, False if a workload record is
+        corrupt: it may refer to any address, so nothing may be released)."""
+        out: Set[IPAddress] = set()
+        ok = True
+        for snap in snaps:
+            ok = ok and not any(r.corrupt for r in snap.records)
+            for rec in snap.records:
+                out.update(rec.addresses)
+            out |= snap.tunnel_addresses | set(snap.docker.addresses)
+        return out, ok
+
+    def _apply(self, changes: AuditChanges) -> Dict[str, int]:
+        summary: Dict[str, Any] = {"docker": "ok", "dry_run": False,
+                                   "endpoints_removed": [], "devices_removed": [],
+                                   "addresses_released": [], "kept": changes.kept,
+                                   "skipped": list(changes.skipped), "errors": [],
+                                   "hosts_swept": {}}
+        self.auditor._remove(summary, dict(changes.endpoints), dict(changes.devices),
+                             set(changes.addresses), changes.seen_blocks)
+        for host, leftovers in sorted(changes.hosts.items()):
+            if not changes.release_ok:
+                leftovers.blocks = {}          # a corrupt record: blocks wait, keys go
+            try:
+                summary["hosts_swept"][host] = hosts.sweep(self.store, leftovers,
+                                                           changes.referenced)
+            except Exception as exc:
+                summary["errors"].append(f"removed host {host}: {exc}")
+        self.cycles += 1
+        self.last_summary = summary
+        started, self._cycle_started = self._cycle_started, None
+        did = (summary["endpoints_removed"] or summary["devices_removed"]
+               or summary["addresses_released"] or summary["hosts_swept"])
+        if self._startup:
+            self._startup = False
+            log.info("start-up audit done in %.1f s: %s",
+                     time.monotonic() - (started or time.monotonic()),
+                     json.dumps(summary, sort_keys=True))
+        elif did or summary["errors"]:
+            log.info("audit done: %s", json.dumps(summary, sort_keys=True))
+        else:
+            log.debug("audit: nothing leaked (%d endpoint record(s) in use)", changes.kept)
+        return {"endpoints": len(summary["endpoints_removed"]),
+                "devices": len(summary["devices_removed"]),
+                "addresses": len(summary["addresses_released"]),
+                "hosts": len(summary["hosts_swept"])}

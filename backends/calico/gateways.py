@@ -1,4 +1,5 @@
 """One IPv4 gateway per Calico interface of a container.
+Owns the host-local sandbox table: the gateway of each endpoint, the endpoints of a container.
 
 Every Calico interface reaches the host through a link-local next hop that
 nothing owns (proxy ARP answers).  Docker adds the connected route to it on
@@ -7,8 +8,10 @@ Docker fail with "file exists" (the old plugin's calicoctl#1031), so the first
 Calico endpoint of a sandbox gets 169.254.1.1, the next 169.254.1.2, and so on.
 
 Which gateway each endpoint of a sandbox holds is kept host-locally (a
-directory per sandbox under the state dir, a file per endpoint): it lives
-exactly as long as the containers on this host, so a tmpfs like /run fits.
+directory per sandbox under the state dir, a file per endpoint; an IPv6-only
+endpoint has an empty file): it lives exactly as long as the containers on
+this host, so a tmpfs like /run fits.  The policy agent reads it too
+(``sandboxes``): endpoints of one sandbox are one container.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import hashlib
 import ipaddress
 import os
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Dict, Iterator
 
 FIRST = ipaddress.IPv4Address("169.254.1.1")
 LAST = ipaddress.IPv4Address("169.254.1.254")
@@ -45,10 +48,11 @@ class GatewayTable:
             os.close(fd)
 
     def choose(self, sandbox_key: str, endpoint_id: str,
-               alive: Callable[[str], bool]) -> str:
+               alive: Callable[[str], bool], gateway: bool = True) -> str:
         """The gateway of ``endpoint_id`` in this sandbox (the same on a repeated
-        Join).  Entries of endpoints for which ``alive(eid)`` is false are
-        forgotten first (a crash left them)."""
+        Join); with ``gateway=False`` (IPv6 only) the endpoint is only recorded
+        in the sandbox and "" returned.  Entries of endpoints for which
+        ``alive(eid)`` is false are forgotten first (a crash left them)."""
         path = self._dir(sandbox_key)
         with self._locked(path):
             used = {}
@@ -61,8 +65,12 @@ class GatewayTable:
                     continue
                 with open(entry) as f:
                     used[name] = f.read().strip()
-            if endpoint_id in used:
+            if endpoint_id in used and (used[endpoint_id] or not gateway):
                 return used[endpoint_id]
+            if not gateway:
+                with open(os.path.join(path, endpoint_id), "w"):
+                    pass
+                return ""
             taken = set(used.values())
             gw = FIRST
             while str(gw) in taken:
@@ -72,6 +80,21 @@ class GatewayTable:
             with open(os.path.join(path, endpoint_id), "w") as f:
                 f.write(str(gw))
             return str(gw)
+
+    def sandboxes(self) -> Dict[str, str]:
+        """``{endpoint id: sandbox token}`` of every recorded endpoint."""
+        out: Dict[str, str] = {}
+        try:
+            digests = os.listdir(self.root)
+        except FileNotFoundError:
+            return out
+        for digest in digests:
+            try:
+                names = os.listdir(os.path.join(self.root, digest))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            out.update((n, digest) for n in names if not n.startswith("."))
+        return out
 
     def release(self, endpoint_id: str) -> None:
         """Forget ``endpoint_id`` wherever it is; drop emptied sandbox dirs."""

@@ -1,4 +1,5 @@
-"""Calico IPAM v2 (libcalico ``ipam.py``/``block.py``/``handle.py``) on our Datastore.
+"""Calico IPAM v2 on our Datastore: claiming blocks, assigning and releasing
+addresses and handles (libcalico's ``ipam.py``); the records are ``model``'s.
 
 Data layout (etcd v2 keys, JSON values), shared with calicoctl and the Calico
 libnetwork plugins:
@@ -15,8 +16,10 @@ libnetwork plugins:
   strict_affinity false).
 
 Every change of a block or handle is read-modify-compare-and-swap on the
-item's version (etcd modifiedIndex) with at most ``RETRIES`` attempts; new
-blocks are created only if absent.  Reads are quorum reads (the etcd adapter
+item's version (etcd modifiedIndex) with at most ``RETRIES`` attempts
+(``Datastore.update``, except where the block was just read or a handle
+must be counted before its block is written); new blocks are created only
+if absent.  Reads are quorum reads (the etcd adapter
 does that for every read).
 
 Auto-assign of one address from a block with room costs 2R 1W: the list of
@@ -33,46 +36,44 @@ concurrent requests of one host do not claim more blocks than they fill.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 from netplugin.datastore import CompareFailed, Datastore, KeyExists, KeyNotFound
-from netplugin.errors import Conflict, NotFound, PluginError
+from netplugin.datastore.base import KEEP, Item
+from netplugin.datastore.base import TooMuchContention as DatastoreContention
+from netplugin.errors import Conflict, NotFound
 
-from backends.calico.keys import cidr_in_key, pool_dir
+from backends.calico import model
+from backends.calico.model import (AddressInUse, Block, CorruptData, Handle, IPAddress,
+                                   IPNetwork, IpamConfig, IpamError, Pool, block_cidr_for,
+                                   block_dir, block_key, cidr_from_key, handle_key,
+                                   host_affinity_dir, host_affinity_key, pool_dir)
 
 log = logging.getLogger(__name__)
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-
-BLOCK_SIZE_BITS = 6
-BLOCK_SIZE = 2 ** BLOCK_SIZE_BITS              # 64 addresses per block
-BLOCK_PREFIXLEN = {4: 32 - BLOCK_SIZE_BITS,    # /26
-                   6: 128 - BLOCK_SIZE_BITS}   # /122
 RETRIES = 100            # compare-and-swap attempts (libcalico RETRIES)
 KEY_ERROR_RETRIES = 3    # re-queues of a listed affine block that does not exist
 CLAIM_RETRIES = 100      # block claims per auto-assign
 WALK_READS = 8           # candidate reads before listing every block instead
 
-IPAM_ROOT = "/calico/ipam/v2"
-CONFIG_KEY = f"{IPAM_ROOT}/config"
-HANDLE_ROOT = f"{IPAM_ROOT}/handle"
-HOST_ROOT = f"{IPAM_ROOT}/host"
-BLOCK_ROOT = f"{IPAM_ROOT}/assignment"
+# The records and keys of the model, also under this module's names (callers
+# and netpluginctl use ``ipam.Block``, ``ipam.HOST_ROOT`` ...).
+BLOCK_SIZE_BITS, BLOCK_SIZE, BLOCK_PREFIXLEN = (model.BLOCK_SIZE_BITS, model.BLOCK_SIZE,
+                                                model.BLOCK_PREFIXLEN)
+IPAM_ROOT, CONFIG_KEY, HANDLE_ROOT = model.IPAM_ROOT, model.IPAM_CONFIG_KEY, model.HANDLE_ROOT
+HOST_ROOT, BLOCK_ROOT = model.AFFINITY_ROOT, model.BLOCK_ROOT
+_truthy = model.truthy
+__all__ = ["AddressInUse", "Block", "CorruptData", "Handle", "IPAddress", "IPNetwork",
+           "IpamConfig", "IpamError", "Pool", "block_cidr_for", "block_dir", "block_key",
+           "cidr_from_key", "handle_key", "host_affinity_dir", "host_affinity_key"]
 
 
 # --------------------------------------------------------------------------
 # errors (user-facing messages)
-
-
-class IpamError(PluginError):
-    """Base of the Calico IPAM errors."""
 
 
 class PoolExhausted(IpamError, Conflict):
@@ -83,12 +84,6 @@ class NoPools(IpamError, NotFound):
     """No enabled Calico IPAM pool (of the wanted version / for the network)."""
 
 
-class AddressInUse(IpamError, Conflict):
-    def __init__(self, address):
-        super().__init__(f"address {address} is already in use")
-        self.address = address
-
-
 class AddressNotInPool(IpamError, NotFound):
     """A specific address outside every enabled Calico IPAM pool."""
 
@@ -97,51 +92,12 @@ class NoHostAffinity(IpamError, Conflict):
     """strict_affinity forbids using another host's block."""
 
 
-class CorruptData(IpamError):
-    """A block, handle or pool value in the datastore cannot be understood."""
-
-
-class TooMuchContention(IpamError):
+class TooMuchContention(IpamError, DatastoreContention):
     """Compare-and-swap kept failing RETRIES times."""
 
 
 # --------------------------------------------------------------------------
-# keys and small helpers
-
-
-def cidr_from_key(key: str) -> IPNetwork:
-    """Last path component ``192.168.0.0-26`` / ``fd80::40-122`` -> network."""
-    name = key.rstrip("/").rsplit("/", 1)[-1]
-    addr, _, plen = name.rpartition("-")
-    return ipaddress.ip_network(f"{addr}/{plen}")
-
-
-def block_dir(version: int) -> str:
-    return f"{BLOCK_ROOT}/ipv{version}/block/"
-
-
-def block_key(cidr) -> str:
-    net = ipaddress.ip_network(cidr)
-    return f"{block_dir(net.version)}{cidr_in_key(net)}"
-
-
-def host_affinity_dir(host: str, version: int) -> str:
-    return f"{HOST_ROOT}/{host}/ipv{version}/block/"
-
-
-def host_affinity_key(host: str, cidr) -> str:
-    net = ipaddress.ip_network(cidr)
-    return f"{host_affinity_dir(host, net.version)}{cidr_in_key(net)}"
-
-
-def handle_key(handle_id: str) -> str:
-    return f"{HANDLE_ROOT}/{handle_id}"
-
-
-def block_cidr_for(address) -> IPNetwork:
-    """The block (/26 or /122) an address belongs to."""
-    ip = ipaddress.ip_address(address)
-    return ipaddress.ip_network(f"{ip}/{BLOCK_PREFIXLEN[ip.version]}", strict=False)
+# small helpers
 
 
 def _fnv1a_32(text: str) -> int:
@@ -149,23 +105,6 @@ def _fnv1a_32(text: str) -> int:
     for byte in text.encode("utf-8"):
         h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
     return h
-
-
-def _truthy(value: Any, default: bool) -> bool:
-    """JSON booleans, tolerating the strings Go/hand-written values may hold."""
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("true", "yes", "on", "1"):
-            return True
-        if text in ("false", "no", "off", "0", ""):
-            return False
-    if isinstance(value, (int, float)):
-        return bool(value)
-    return default
 
 
 def _backoff(attempt: int) -> None:
@@ -180,321 +119,6 @@ def _overlaps(a: IPNetwork, b: IPNetwork) -> bool:
 
 def describe(nets: Iterable) -> str:
     return ", ".join(str(n) for n in nets) or "(none)"
-
-
-# --------------------------------------------------------------------------
-# pools and config
-
-
-@dataclass(frozen=True)
-class Pool:
-    cidr: IPNetwork
-    ipam: bool = True
-    disabled: bool = False
-    raw: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def version(self) -> int:
-        return self.cidr.version
-
-    @property
-    def enabled(self) -> bool:
-        """Hands out addresses: ``ipam`` true, not disabled, room for a block."""
-        return (self.ipam and not self.disabled
-                and self.cidr.prefixlen <= BLOCK_PREFIXLEN[self.version])
-
-    def state(self) -> str:
-        if not self.ipam:
-            return "ipam disabled"
-        if self.disabled:
-            return "disabled"
-        if self.cidr.prefixlen > BLOCK_PREFIXLEN[self.version]:
-            return f"smaller than a /{BLOCK_PREFIXLEN[self.version]} block"
-        return "enabled"
-
-    @classmethod
-    def parse(cls, key: str, value: str, version: int) -> Optional["Pool"]:
-        """A pool from its datastore item, or None (with a warning) if unusable.
-        Missing fields take libcalico's defaults; Go's extra fields are ignored."""
-        try:
-            data = json.loads(value) if value else {}
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-            text = data.get("cidr")
-            cidr = (ipaddress.ip_network(text, strict=False) if isinstance(text, str) and text
-                    else cidr_from_key(key))
-            if cidr.version != version:
-                raise ValueError(f"IPv{cidr.version} CIDR under the IPv{version} pools")
-        except ValueError as exc:
-            log.warning("ignoring Calico pool %s: %s", key, exc)
-            return None
-        return cls(cidr, ipam=_truthy(data.get("ipam"), True),
-                   disabled=_truthy(data.get("disabled"), False), raw=data)
-
-
-@dataclass(frozen=True)
-class IpamConfig:
-    auto_allocate_blocks: bool = True
-    strict_affinity: bool = False
-
-    @classmethod
-    def parse(cls, value: str) -> "IpamConfig":
-        """Absent key (or ``{}``) = defaults.  libcalico-go writes the fields with
-        ``omitempty``, so a missing field next to a present one means false."""
-        try:
-            data = json.loads(value) if value else {}
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as exc:
-            log.warning("ignoring corrupt %s (%s): using defaults", CONFIG_KEY, exc)
-            return cls()
-        names = ("auto_allocate_blocks", "strict_affinity")
-        if not any(n in data for n in names):
-            return cls()
-        return cls(auto_allocate_blocks=_truthy(data.get("auto_allocate_blocks"), False),
-                   strict_affinity=_truthy(data.get("strict_affinity"), False))
-
-
-# --------------------------------------------------------------------------
-# blocks
-
-
-_BLOCK_FIELDS = ("cidr", "affinity", "strict_affinity", "allocations", "unallocated",
-                 "attributes")
-
-
-class Block:
-    """One allocation block as stored; ``version`` is the item's version
-    (None for a block not written yet)."""
-
-    def __init__(self, cidr: IPNetwork, affinity: Optional[str] = None,
-                 strict_affinity: bool = False):
-        assert cidr.prefixlen == BLOCK_PREFIXLEN[cidr.version], cidr
-        self.cidr = cidr
-        self.affinity = affinity              # "host:<h>", "" or None
-        self.strict_affinity = strict_affinity
-        self.allocations: List[Optional[int]] = [None] * BLOCK_SIZE
-        self.unallocated: List[int] = list(range(BLOCK_SIZE))
-        self.attributes: List[Dict[str, Any]] = []
-        self.extra: Dict[str, Any] = {}       # fields of other writers, kept as they are
-        self.version: Optional[int] = None
-
-    # -- JSON ----------------------------------------------------------------
-    @classmethod
-    def from_item(cls, key: str, value: str, version: int) -> "Block":
-        try:
-            data = json.loads(value)
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-            cidr = ipaddress.ip_network(data.get("cidr") or cidr_from_key(key))
-            if cidr.prefixlen != BLOCK_PREFIXLEN[cidr.version]:
-                raise ValueError(f"{cidr} is not a /{BLOCK_PREFIXLEN[cidr.version]} block")
-            affinity = data.get("affinity")
-            if not affinity and data.get("hostAffinity"):   # old Go field
-                affinity = f"host:{data['hostAffinity']}"
-            if affinity is not None and not isinstance(affinity, str):
-                raise ValueError(f"affinity {affinity!r} is not a string")
-            strict = data.get("strict_affinity", data.get("strictAffinity"))
-            block = cls(cidr, affinity, _truthy(strict, False))
-            attributes = data.get("attributes") or []
-            if not isinstance(attributes, list) or not all(isinstance(a, dict)
-                                                            for a in attributes):
-                raise ValueError("attributes is not a list of objects")
-            allocations = data.get("allocations")
-            if not isinstance(allocations, list) or len(allocations) != BLOCK_SIZE:
-                raise ValueError(f"allocations is not a list of {BLOCK_SIZE} entries")
-            for a in allocations:
-                if a is not None and (isinstance(a, bool) or not isinstance(a, int)
-                                      or not 0 <= a < len(attributes)):
-                    raise ValueError(f"allocation {a!r} names no attribute")
-            unallocated = data.get("unallocated")
-            if unallocated is not None and not (
-                    isinstance(unallocated, list)
-                    and all(isinstance(o, int) and not isinstance(o, bool) for o in unallocated)):
-                raise ValueError("unallocated is not a list of ordinals")
-        except (ValueError, TypeError) as exc:
-            raise CorruptData(f"Calico IPAM block {key} is corrupt: {exc}") from None
-        block.allocations = list(allocations)
-        block.attributes = [dict(a) for a in attributes]
-        # free ordinals in the stored order, then any the list forgot (ascending)
-        seen: Set[int] = set()
-        order: List[int] = []
-        for o in unallocated or []:
-            if 0 <= o < BLOCK_SIZE and allocations[o] is None and o not in seen:
-                seen.add(o)
-                order.append(o)
-        order += [o for o in range(BLOCK_SIZE) if allocations[o] is None and o not in seen]
-        block.unallocated = order
-        block.extra = {k: v for k, v in data.items() if k not in _BLOCK_FIELDS}
-        block.version = version
-        return block
-
-    def to_json(self) -> str:
-        data: Dict[str, Any] = {
-            "cidr": str(self.cidr),
-            "affinity": self.affinity,
-            "strict_affinity": self.strict_affinity,
-            "allocations": self.allocations,
-            "unallocated": self.unallocated,
-            "attributes": self.attributes,
-        }
-        for k, v in self.extra.items():
-            data.setdefault(k, v)
-        if "strictAffinity" in data:
-            data["strictAffinity"] = self.strict_affinity
-        return json.dumps(data)
-
-    # -- queries -------------------------------------------------------------
-    @property
-    def key(self) -> str:
-        return block_key(self.cidr)
-
-    @property
-    def host(self) -> Optional[str]:
-        """The host this block has affinity to, or None."""
-        if self.affinity and self.affinity.startswith("host:"):
-            return self.affinity[5:]
-        return None
-
-    @property
-    def empty(self) -> bool:
-        return all(a is None for a in self.allocations)
-
-    def address(self, ordinal: int) -> IPAddress:
-        return self.cidr.network_address + ordinal
-
-    def ordinal(self, address: IPAddress) -> int:
-        o = int(address) - int(self.cidr.network_address)
-        assert 0 <= o < BLOCK_SIZE, (address, self.cidr)
-        return o
-
-    def free_ordinals(self, within: Optional[IPNetwork] = None) -> List[int]:
-        if within is None:
-            return list(self.unallocated)
-        return [o for o in self.unallocated if self.address(o) in within]
-
-    def allocated(self) -> List[IPAddress]:
-        return [self.address(o) for o, a in enumerate(self.allocations) if a is not None]
-
-    # -- changes -------------------------------------------------------------
-    def _attr_index(self, handle_id: Optional[str], secondary: Any) -> int:
-        wanted = {"handle_id": handle_id, "secondary": secondary}
-        for i, attr in enumerate(self.attributes):
-            if attr.get("handle_id") == handle_id and attr.get("secondary") == secondary:
-                return i
-        self.attributes.append(wanted)
-        return len(self.attributes) - 1
-
-    def auto_assign(self, num: int, handle_id: Optional[str], secondary: Any,
-                    within: Optional[IPNetwork] = None) -> List[IPAddress]:
-        """Take up to ``num`` free addresses, in ``unallocated`` order (from the front)."""
-        ordinals = self.free_ordinals(within)[:num]
-        if not ordinals:
-            return []
-        index = self._attr_index(handle_id, secondary)
-        taken = set(ordinals)
-        for o in ordinals:
-            self.allocations[o] = index
-        self.unallocated = [o for o in self.unallocated if o not in taken]
-        return [self.address(o) for o in ordinals]
-
-    def assign(self, address: IPAddress, handle_id: Optional[str], secondary: Any) -> None:
-        o = self.ordinal(address)
-        if self.allocations[o] is not None:
-            raise AddressInUse(address)
-        self.allocations[o] = self._attr_index(handle_id, secondary)
-        self.unallocated = [u for u in self.unallocated if u != o]
-
-    def release(self, addresses: Iterable[IPAddress]
-                ) -> Tuple[Set[IPAddress], Dict[Optional[str], int]]:
-        """Free ``addresses``; return (those that were not allocated, {handle: count})."""
-        not_allocated: Set[IPAddress] = set()
-        handles: Dict[Optional[str], int] = {}
-        freed: List[int] = []
-        for address in sorted(set(addresses)):
-            o = self.ordinal(address)
-            index = self.allocations[o]
-            if index is None:
-                not_allocated.add(address)
-                continue
-            handle = self.attributes[index].get("handle_id")
-            handles[handle] = handles.get(handle, 0) + 1
-            self.allocations[o] = None
-            freed.append(o)
-        self.unallocated += freed          # freed addresses are reused last
-        self._drop_orphaned_attributes()
-        return not_allocated, handles
-
-    def release_handle(self, handle_id: str) -> List[IPAddress]:
-        indexes = {i for i, a in enumerate(self.attributes) if a.get("handle_id") == handle_id}
-        ordinals = [o for o, a in enumerate(self.allocations) if a in indexes]
-        for o in ordinals:
-            self.allocations[o] = None
-        self.unallocated += ordinals
-        self._drop_orphaned_attributes()
-        return [self.address(o) for o in ordinals]
-
-    def _drop_orphaned_attributes(self) -> None:
-        used = sorted({a for a in self.allocations if a is not None})
-        if len(used) == len(self.attributes):
-            return
-        renumber = {old: new for new, old in enumerate(used)}
-        self.attributes = [self.attributes[old] for old in used]
-        self.allocations = [None if a is None else renumber[a] for a in self.allocations]
-
-
-# --------------------------------------------------------------------------
-# handles
-
-
-class Handle:
-    def __init__(self, handle_id: str):
-        self.handle_id = handle_id
-        self.block: Dict[str, int] = {}
-        self.extra: Dict[str, Any] = {}
-        self.version: Optional[int] = None
-
-    @classmethod
-    def from_item(cls, handle_id: str, value: str, version: int) -> "Handle":
-        try:
-            data = json.loads(value)
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-            blocks = data.get("block") or {}
-            if not isinstance(blocks, dict) or not all(
-                    isinstance(v, int) and not isinstance(v, bool) for v in blocks.values()):
-                raise ValueError("block is not an object of counts")
-        except ValueError as exc:
-            raise CorruptData(f"Calico IPAM handle {handle_key(handle_id)} is corrupt: "
-                              f"{exc}") from None
-        handle = cls(handle_id)
-        handle.block = dict(blocks)
-        handle.extra = {k: v for k, v in data.items() if k not in ("id", "block")}
-        handle.version = version
-        return handle
-
-    def to_json(self) -> str:
-        data = {"id": self.handle_id, "block": self.block}
-        data.update(self.extra)
-        return json.dumps(data)
-
-    @property
-    def empty(self) -> bool:
-        return not any(self.block.values())
-
-    def increment(self, cidr, amount: int) -> None:
-        self.block[str(cidr)] = self.block.get(str(cidr), 0) + amount
-
-    def decrement(self, cidr, amount: int) -> None:
-        current = self.block.get(str(cidr), 0)
-        if current < amount:
-            log.warning("handle %s counts %d address(es) in block %s, releasing %d",
-                        self.handle_id, current, cidr, amount)
-        left = current - amount
-        if left > 0:
-            self.block[str(cidr)] = left
-        else:
-            self.block.pop(str(cidr), None)
 
 
 # --------------------------------------------------------------------------
@@ -536,7 +160,7 @@ class CalicoIpam:
     def read_block(self, cidr) -> Block:
         """The stored block; KeyNotFound if absent."""
         item = self.datastore.get(block_key(cidr))
-        return Block.from_item(item.key, item.value, item.version)
+        return Block.from_json(item.key, item.value, item.version)
 
     def _write_block(self, block: Block) -> None:
         """CAS the block on its version (CompareFailed if it changed)."""
@@ -564,7 +188,7 @@ class CalicoIpam:
         blocks = {}
         for item in self.datastore.list_prefix(block_dir(version)):
             try:
-                block = Block.from_item(item.key, item.value, item.version)
+                block = Block.from_json(item.key, item.value, item.version)
             except CorruptData as exc:
                 log.warning("%s", exc)
                 continue
@@ -573,41 +197,50 @@ class CalicoIpam:
 
     def read_handle(self, handle_id: str) -> Handle:
         item = self.datastore.get(handle_key(handle_id))
-        return Handle.from_item(handle_id, item.value, item.version)
+        return Handle.from_json(handle_id, item.value, item.version)
 
-    def _change_handle(self, handle_id: str, cidr, amount: int) -> None:
+    def _update(self, key: str, mutate: Callable[[Optional[Item]], Any], what: str
+                ) -> Optional[Item]:
+        """``Datastore.update`` with this client's retries; TooMuchContention
+        says ``what`` could not be done."""
+        try:
+            return self.datastore.update(key, mutate, retries=self.retries)
+        except DatastoreContention:
+            raise TooMuchContention(f"{what}: it changed concurrently {self.retries} "
+                                    f"times in a row") from None
+
+    def _change_handle(self, handle_id: str, cidr, amount: int, fresh: bool = False) -> None:
         """Add ``amount`` (may be negative) to the handle's count for ``cidr``;
-        an empty handle is deleted.  Read-modify-CAS with retries."""
-        for attempt in range(self.retries):
-            _backoff(attempt)
+        an empty handle is deleted.  Read-modify-CAS with retries.  ``fresh``:
+        the handle is new (named after one request), so it is created without
+        reading it first (1W instead of 1R 1W); if it exists after all, the
+        read-modify-CAS path follows."""
+        if fresh and amount > 0:
+            handle = Handle(handle_id)
+            handle.increment(cidr, amount)
             try:
-                handle = self.read_handle(handle_id)
-            except KeyNotFound:
+                self.datastore.create(handle_key(handle_id), handle.to_json())
+                return
+            except KeyExists:
+                pass
+
+        def mutate(item: Optional[Item]):
+            if item is None:
                 if amount < 0:
                     log.warning("handle %s does not exist; cannot release %d address(es) "
                                 "of block %s from it", handle_id, -amount, cidr)
-                    return
+                    return KEEP
                 handle = Handle(handle_id)
+            else:
+                handle = Handle.from_json(handle_id, item.value, item.version)
             if amount >= 0:
                 handle.increment(cidr, amount)
             else:
                 handle.decrement(cidr, -amount)
-            try:
-                if handle.version is None:
-                    self.datastore.create(handle_key(handle_id), handle.to_json())
-                elif handle.empty:
-                    self.datastore.delete(handle_key(handle_id), handle.version)
-                else:
-                    self.datastore.compare_and_swap(handle_key(handle_id), handle.to_json(),
-                                                    handle.version)
-                return
-            except (CompareFailed, KeyExists):
-                continue
-            except KeyNotFound:     # deleted under us: re-read
-                continue
-        raise TooMuchContention(
-            f"could not update Calico IPAM handle {handle_id}: it changed concurrently "
-            f"{self.retries} times in a row")
+            return None if handle.empty and item is not None else handle.to_json()
+
+        self._update(handle_key(handle_id), mutate,
+                     f"could not update Calico IPAM handle {handle_id}")
 
     # -- claiming ------------------------------------------------------------------
     def _claim(self, host: str, cidr: IPNetwork, strict: bool) -> Optional[Block]:
@@ -641,7 +274,7 @@ class CalicoIpam:
     # -- allocation from one block -----------------------------------------------
     def _assign_from_block(self, block: Block, num: int, handle_id: Optional[str],
                            secondary: Any, within: Optional[IPNetwork],
-                           host: Optional[str]) -> List[IPAddress]:
+                           host: Optional[str], fresh: bool = False) -> List[IPAddress]:
         """Take up to ``num`` addresses from ``block`` (already read), re-reading
         after each lost CAS.  With ``host`` the block must have affinity to it
         (else nothing is taken).  KeyNotFound if the block vanishes."""
@@ -657,7 +290,7 @@ class CalicoIpam:
             if not ips:
                 return []
             if handle_id is not None:
-                self._change_handle(handle_id, block.cidr, len(ips))
+                self._change_handle(handle_id, block.cidr, len(ips), fresh and not attempt)
             try:
                 self._write_block(block)
             except CompareFailed:
@@ -672,7 +305,7 @@ class CalicoIpam:
     # -- auto-assign -------------------------------------------------------------------
     def auto_assign(self, version: int, num: int, host: str,
                     within: Optional[IPNetwork] = None, handle_id: Optional[str] = None,
-                    secondary: Any = None) -> List[IPAddress]:
+                    secondary: Any = None, fresh_handle: bool = False) -> List[IPAddress]:
         """Up to ``num`` addresses of ``version`` for ``host`` (fewer when the
         pools are exhausted), from enabled pools, only inside ``within`` if
         given.  libcalico's order: the host's affine blocks, then new blocks
@@ -692,7 +325,8 @@ class CalicoIpam:
                 block = self.read_block(cidr)
                 existing.add(cidr)
                 found += self._assign_from_block(block, num - len(found), handle_id,
-                                                 secondary, within, host)
+                                                 secondary, within, host,
+                                                 fresh=fresh_handle and not found)
             except KeyNotFound:
                 # another process of this host may be creating it right now
                 key_errors += 1
@@ -742,7 +376,7 @@ class CalicoIpam:
                         try:
                             found += self._assign_from_block(
                                 existing_block, num - len(found), handle_id, secondary,
-                                within, host)
+                                within, host, fresh=fresh_handle and not found)
                         except KeyNotFound:
                             pass
                     continue
@@ -754,7 +388,8 @@ class CalicoIpam:
                 affine.append(cidr)
                 try:
                     found += self._assign_from_block(block, num - len(found), handle_id,
-                                                     secondary, within, host)
+                                                     secondary, within, host,
+                                                     fresh=fresh_handle and not found)
                 except KeyNotFound:
                     continue
             if len(found) >= num:
@@ -777,7 +412,8 @@ class CalicoIpam:
                 break
             try:
                 found += self._assign_from_block(block, num - len(found), handle_id,
-                                                 secondary, within, None)
+                                                 secondary, within, None,
+                                                 fresh=fresh_handle and not found)
             except KeyNotFound:
                 continue
         return found
@@ -815,9 +451,10 @@ class CalicoIpam:
                 yield cls((base + n * BLOCK_SIZE, plen))
 
     def auto_assign_one(self, version: int, host: str, within: Optional[IPNetwork] = None,
-                        handle_id: Optional[str] = None, secondary: Any = None) -> IPAddress:
+                        handle_id: Optional[str] = None, secondary: Any = None,
+                        fresh_handle: bool = False) -> IPAddress:
         """One address, or PoolExhausted / NoPools with a message for the user."""
-        ips = self.auto_assign(version, 1, host, within, handle_id, secondary)
+        ips = self.auto_assign(version, 1, host, within, handle_id, secondary, fresh_handle)
         if ips:
             return ips[0]
         pools = self._usable_pools(version, within)
@@ -835,7 +472,7 @@ class CalicoIpam:
 
     # -- assign a specific address --------------------------------------------------
     def assign_ip(self, address, host: str, handle_id: Optional[str] = None,
-                  secondary: Any = None) -> IPAddress:
+                  secondary: Any = None, fresh_handle: bool = False) -> IPAddress:
         """Allocate exactly ``address``: AddressInUse if taken, AddressNotInPool
         if no block holds it and no enabled pool contains it, NoHostAffinity if
         its block is another host's with strict affinity."""
@@ -862,7 +499,8 @@ class CalicoIpam:
                     f"strict affinity: host {host} cannot use it")
             block.assign(ip, handle_id, secondary)
             if handle_id is not None:
-                self._change_handle(handle_id, cidr, 1)
+                self._change_handle(handle_id, cidr, 1, fresh_handle)
+                fresh_handle = False
             try:
                 self._write_block(block)
                 return ip
@@ -874,46 +512,112 @@ class CalicoIpam:
             f"{self.retries} times in a row")
 
     # -- release ----------------------------------------------------------------------
+    def attributes_of(self, address) -> Optional[Dict[str, Any]]:
+        """The block attributes of an allocated address, or None (1R)."""
+        ip = ipaddress.ip_address(address)
+        try:
+            return self.read_block(block_cidr_for(ip)).attributes_of(ip)
+        except KeyNotFound:
+            return None
+
     def release_ips(self, addresses: Iterable) -> Set[IPAddress]:
         """Free the addresses; return those that were not allocated."""
+        return self.release_ips_keeping(addresses)[0]
+
+    def release_ips_keeping(self, addresses: Iterable,
+                            keep: Optional[Callable[[Dict[str, Any]], bool]] = None
+                            ) -> Tuple[Set[IPAddress], Set[IPAddress]]:
+        """Free the addresses but those whose block attributes ``keep``
+        accepts; return (those that were not allocated, those kept)."""
         by_block: Dict[IPNetwork, Set[IPAddress]] = {}
         for a in addresses:
             ip = ipaddress.ip_address(a)
             by_block.setdefault(block_cidr_for(ip), set()).add(ip)
         not_allocated: Set[IPAddress] = set()
+        kept: Set[IPAddress] = set()
         for cidr, ips in sorted(by_block.items(), key=lambda kv: (kv[0].version, kv[0])):
-            not_allocated |= self._release_from_block(cidr, ips)
-        return not_allocated
+            missing, stayed = self._release_from_block(cidr, ips, keep)
+            not_allocated |= missing
+            kept |= stayed
+        return not_allocated, kept
 
-    def _release_from_block(self, cidr: IPNetwork, ips: Set[IPAddress]) -> Set[IPAddress]:
-        for attempt in range(self.retries):
-            _backoff(attempt)
-            try:
-                block = self.read_block(cidr)
-            except KeyNotFound:
-                return set(ips)
-            not_allocated, handles = block.release(ips)
-            if len(not_allocated) == len(ips):
-                return not_allocated
-            try:
-                self._store_after_release(block)
-            except (CompareFailed, KeyNotFound):
-                continue
-            for handle_id, count in handles.items():
-                if handle_id is not None:
-                    self._change_handle(handle_id, cidr, -count)
-            return not_allocated
-        raise TooMuchContention(
-            f"could not release addresses of Calico IPAM block {cidr}: it changed "
-            f"concurrently {self.retries} times in a row")
+    def _release_from_block(self, cidr: IPNetwork, ips: Set[IPAddress], keep=None
+                            ) -> Tuple[Set[IPAddress], Set[IPAddress]]:
+        result: Dict[str, Any] = {}
+
+        def mutate(item: Optional[Item]):
+            result.clear()
+            if item is None:
+                result.update(missing=set(ips), kept=set(), handles={})
+                return KEEP
+            block = Block.from_json(item.key, item.value, item.version)
+            not_allocated, handles = block.release(ips, keep)
+            kept = {ip for ip in ips - not_allocated if block.attributes_of(ip) is not None}
+            result.update(missing=not_allocated, kept=kept, handles=handles, block=block)
+            if len(not_allocated) + len(kept) == len(ips):
+                return KEEP
+            return self._after_release(block)
+
+        if self._update(block_key(cidr), mutate,
+                        f"could not release addresses of Calico IPAM block {cidr}") is None \
+                and "block" in result:
+            log.info("deleted empty Calico IPAM block %s (no affinity)", cidr)
+        for handle_id, count in result["handles"].items():
+            if handle_id is not None:
+                self._change_handle(handle_id, cidr, -count)
+        return result["missing"], result["kept"]
+
+    @staticmethod
+    def _after_release(block: Block) -> Optional[str]:
+        """What a block becomes once addresses are freed: an empty block
+        without affinity is deleted (None), others keep their new value."""
+        return None if block.empty and block.host is None else block.to_json()
 
     def _store_after_release(self, block: Block) -> None:
-        """CAS-delete an empty block without affinity, else CAS-update it."""
-        if block.empty and block.host is None:
+        """CAS-delete an empty block without affinity, else CAS-update it, at
+        the version it was read (CompareFailed / KeyNotFound if it changed)."""
+        if self._after_release(block) is None:
             self.datastore.delete(block.key, block.version)
             log.info("deleted empty Calico IPAM block %s (no affinity)", block.cidr)
         else:
             self._write_block(block)
+
+    def release_at_version(self, cidr, ips: Set[IPAddress], version: Optional[int],
+                           may_release: Callable[[Optional[str]], bool] = lambda h: True
+                           ) -> Optional[Set[IPAddress]]:
+        """Free ``ips`` in block ``cidr`` only if the block is still at
+        ``version`` and ``may_release`` accepts the handle of each (a handle
+        of None is always released); the addresses freed, or None when the
+        block changed or a handle forbids it (nothing is changed then)."""
+        try:
+            block = self.read_block(cidr)
+        except KeyNotFound:
+            return set()
+        if block.version != version:
+            return None
+        not_allocated, handles = block.release(ips)
+        if any(h is not None and not may_release(h) for h in handles):
+            return None
+        freed = set(ips) - not_allocated
+        if not freed:
+            return set()
+        try:
+            self._store_after_release(block)
+        except (CompareFailed, KeyNotFound):
+            return None
+        self.uncount(cidr, handles)
+        return freed
+
+    def uncount(self, cidr, handles: Dict[Optional[str], int]) -> None:
+        """Take addresses freed in block ``cidr`` out of their handles
+        (``{handle: count}``); best effort: the block is right already, a
+        handle count is not vital."""
+        for handle_id, count in handles.items():
+            if handle_id is not None:
+                try:
+                    self._change_handle(handle_id, cidr, -count)
+                except Exception as exc:
+                    log.warning("handle %s of block %s: %s", handle_id, cidr, exc)
 
     # -- handles ------------------------------------------------------------------------
     def addresses_of_handle(self, handle_id: str) -> List[IPAddress]:
@@ -942,27 +646,22 @@ class CalicoIpam:
         released: List[IPAddress] = []
         for cidr_text in list(handle.block):
             cidr = ipaddress.ip_network(cidr_text)
-            for attempt in range(self.retries):
-                _backoff(attempt)
-                try:
-                    block = self.read_block(cidr)
-                except KeyNotFound:
-                    ips: List[IPAddress] = []
-                    break
-                ips = block.release_handle(handle_id)
-                if not ips:
-                    break
-                try:
-                    self._store_after_release(block)
-                except (CompareFailed, KeyNotFound):
-                    continue
-                break
-            else:
-                raise TooMuchContention(
-                    f"could not release handle {handle_id} in block {cidr}: it changed "
-                    f"concurrently {self.retries} times in a row")
-            released += ips
+            freed: List[IPAddress] = []
+
+            def mutate(item: Optional[Item]):
+                freed.clear()
+                if item is None:
+                    return KEEP
+                block = Block.from_json(item.key, item.value, item.version)
+                freed.extend(block.release_handle(handle_id))
+                return self._after_release(block) if freed else KEEP
+
+            if self._update(block_key(cidr), mutate,
+                            f"could not release handle {handle_id} in block {cidr}") is None \
+                    and freed:
+                log.info("deleted empty Calico IPAM block %s (no affinity)", cidr)
+            released += freed
             # a block that no longer holds any of the handle's addresses drops
             # out of the handle whatever it counted
-            self._change_handle(handle_id, cidr, -(len(ips) or handle.block[cidr_text]))
+            self._change_handle(handle_id, cidr, -(len(freed) or handle.block[cidr_text]))
         return released

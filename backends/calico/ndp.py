@@ -1,4 +1,5 @@
-"""Proxy NDP for IPv6 peers.
+"""Proxy NDP for IPv6 peers: the proxy entries each local Calico veth needs
+(desired_entries) and their sync with the kernel.
 
 With Docker's IPAM a container's IPv6 address comes with its subnet (a /64),
 so the container looks its peers up on the link (neighbour solicitation)
@@ -10,13 +11,13 @@ Entries die with their veth; the agent adds and removes the rest.
 """
 from __future__ import annotations
 
-import ipaddress
-import json
 import logging
 from typing import Dict, Set, Tuple
 
 from netplugin import linux
 from netplugin.errors import PluginError
+
+from backends.calico import model
 
 log = logging.getLogger(__name__)
 
@@ -28,25 +29,23 @@ def desired_entries(hosts: Dict[str, str], hostname: str) -> Set[Entry]:
     local = []
     addresses: Set[str] = set()
     for key, raw in hosts.items():
-        parts = key.split("/")
-        if len(parts) < 9 or parts[5] != "workload" or parts[-2] != "endpoint":
+        if not model.is_endpoint_key(key):
             continue
         try:
-            ep = json.loads(raw)
-            own = {str(ipaddress.ip_interface(n).ip) for n in ep.get("ipv6_nets") or []}
-        except (ValueError, TypeError, AttributeError):
+            ep = model.Endpoint.from_json(key, raw)
+        except (ValueError, TypeError):
             continue  # the policy compiler reports corrupt records
+        own = set(ep.ipv6)
         addresses |= own
-        name = ep.get("name")
-        if parts[4] == hostname and own and isinstance(name, str) and name.startswith("cali"):
-            local.append((name, own))
+        if ep.host == hostname and own and ep.name and ep.name.startswith(model.HOST_PREFIX):
+            local.append((ep.name, own))
     return {(ifname, addr) for ifname, own in local for addr in addresses - own}
 
 
 def sync(desired: Set[Entry]) -> None:
     """Make the proxy entries on ``cali*`` links exactly ``desired`` (entries
     for links that don't exist yet are added when the agent sees the link)."""
-    current = {(i, a) for i, a in linux.list_proxy_neighbours() if i.startswith("cali")}
+    current = {(i, a) for i, a in linux.list_proxy_neighbours() if i.startswith(model.HOST_PREFIX)}
     for ifname, addr in sorted(desired - current):
         if not linux.link_exists(ifname):
             continue

@@ -1,6 +1,7 @@
-"""Calico profile policy -> one nftables table (a pure compiler, plus ``apply``).
+"""Calico profile policy as one nftables table: the compiler from endpoints and
+profiles (``model``'s records) to the table, and ``apply``.
 
-Felix's model (calico-datastore.md §4), enforced with nftables:
+Felix's model of Calico v1 policy, enforced with nftables:
 
 * every *local* endpoint (key host = this host) gets a ``to-<if>`` chain
   (inbound rules: traffic sent to the container) and a ``from-<if>`` chain
@@ -46,13 +47,14 @@ input path (traffic to the host itself) ``from-wl-host`` accepts it.  Traffic
 from the host to its containers (output hook) is not policed, as with Felix.
 Nothing outside ``cali*`` interfaces is touched.
 
-Multi-network containers (docker-remote-driver.md, last bullet): a container
-attached to several networks may send from its address on one network through
-its interface on another.  The caller passes ``groups`` (host interface ->
-container, read from the kernel: veths whose peers share a network namespace),
-and every address of the container is then used for anti-spoofing and for tag
-membership of any of its local endpoints.  Remote endpoints are known one by
-one (the datastore does not say which belong to one container).
+Multi-network containers: Docker gives a container one interface per network
+and a single routing table, so a container attached to several networks may
+send from its address on one network through its interface on another.  The
+caller passes ``groups`` (host interface -> container, read from the kernel:
+veths whose peers share a network namespace), and every address of the
+container is then used for anti-spoofing and for tag membership of any of
+its local endpoints.  Remote endpoints are known one by one (the datastore
+does not say which belong to one container).
 
 Invalid input never breaks the ruleset: a rule that cannot be compiled is
 skipped with a warning when its action is ``allow`` (skipping only narrows
@@ -69,35 +71,23 @@ import logging
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from backends.calico import model
+from backends.calico.model import (Endpoint, InvalidRule, Profile, is_endpoint_key,
+                                   parse_profiles, parse_rule, rule_action)
 
 log = logging.getLogger(__name__)
 
 FAMILY = "inet"
 TABLE = "netplugin_calico"
-IFACE_PREFIX = "cali"
+IFACE_PREFIX = model.HOST_PREFIX
+PROFILE_ROOT, HOST_ROOT = model.PROFILE_ROOT, model.HOST_ROOT
 
-PROFILE_ROOT = "/calico/v1/policy/profile"
-HOST_ROOT = "/calico/v1/host"
-
-#: Felix's VALID_ID_RE: profile names and tags.
-VALID_ID_RE = re.compile(r"^[a-zA-Z0-9_.\-]+$")
 IFNAME_RE = re.compile(r"^%s[A-Za-z0-9_.\-]{1,%d}$" % (IFACE_PREFIX, 15 - len(IFACE_PREFIX)))
-MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
-MAX_ID_LEN = 200          # nft names are limited to 256 bytes; keep room for "t4-"
 
-PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "sctp": 132, "udplite": 136}
-PORT_PROTOCOLS = {"tcp": "tcp", "udp": "udp", "sctp": "sctp", "udplite": "udplite"}
-#: nft names for the l4proto match (numbers for the rest).
-NFT_L4 = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 132: "sctp", 136: "udplite"}
-
-#: Rule keys this compiler knows (Felix rejects rules with any other key).
-MATCH_KEYS = ("protocol", "src_tag", "dst_tag", "src_net", "dst_net",
-              "src_ports", "dst_ports", "icmp_type", "icmp_code")
-RULE_KEYS = frozenset(("action", "ip_version") + MATCH_KEYS
-                      + tuple("!" + k for k in MATCH_KEYS))
-ALLOW_ACTIONS = ("allow", "next-tier")
+PORT_PROTOCOLS = model.PORT_PROTOCOLS
 
 #: What happens to traffic from a container to the host itself once the
 #: container's outbound rules allowed it: "accept" (like a Docker bridge; the
@@ -109,98 +99,27 @@ ENDPOINT_TO_HOST = "accept"
 #: and the NS/NA exchange for the container's own address): always accepted.
 NDP_TYPES = ("nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert")
 
-
-class InvalidRule(ValueError):
-    """A rule this compiler cannot (or must not) turn into nftables."""
+__all__ = ["Endpoint", "InvalidRule", "Profile", "is_endpoint_key", "parse_profiles",
+           "rule_action"]
 
 
 # --------------------------------------------------------------------------
-# the model: endpoints and profiles parsed from datastore items
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    key: str
-    host: str
-    endpoint_id: str
-    name: str                       # host-side interface
-    profile_ids: Tuple[str, ...]
-    ipv4: Tuple[str, ...]           # addresses (no prefix)
-    ipv6: Tuple[str, ...]
-    mac: Optional[str] = None
-    active: bool = True
-
-    def addresses(self, version: int) -> Tuple[str, ...]:
-        return self.ipv4 if version == 4 else self.ipv6
-
-
-@dataclass
-class Profile:
-    name: str
-    tags: Tuple[str, ...] = ()
-    inbound: List[Any] = field(default_factory=list)
-    outbound: List[Any] = field(default_factory=list)
-
-
-_EP_KEY_RE = re.compile(r"^%s/([^/]+)/workload/([^/]+)/([^/]+)/endpoint/([^/]+)$"
-                        % re.escape(HOST_ROOT))
-_PROFILE_KEY_RE = re.compile(r"^%s/([^/]+)/(tags|rules|labels)$" % re.escape(PROFILE_ROOT))
-
-
-def is_endpoint_key(key: str) -> bool:
-    return _EP_KEY_RE.match(key) is not None
-
-
-def _addresses(nets: Any, version: int, what: str) -> Tuple[str, ...]:
-    if nets is None:
-        return ()
-    if not isinstance(nets, list):
-        raise ValueError(f"{what} is not a list")
-    out = []
-    for n in nets:
-        if not isinstance(n, str):
-            raise ValueError(f"{what} holds a non-string {n!r}")
-        iface = ipaddress.ip_interface(n)          # ValueError if bad
-        if iface.version != version:
-            raise ValueError(f"{what} holds an IPv{iface.version} address {n!r}")
-        addr = str(iface.ip)
-        if addr not in out:
-            out.append(addr)
-    return tuple(out)
+# endpoints as the compiler needs them
 
 
 def parse_endpoint(key: str, value: str) -> Endpoint:
-    """One endpoint item -> ``Endpoint``; ValueError when key or value is bad."""
-    m = _EP_KEY_RE.match(key)
-    if not m:
-        raise ValueError("not an endpoint key")
-    host, eid = m.group(1), m.group(4)
-    data = json.loads(value)
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    name = data.get("name")
-    if not isinstance(name, str) or not name:
-        raise ValueError("no interface name")
-    profile_ids = data.get("profile_ids")
-    if profile_ids is None and isinstance(data.get("profile_id"), str):
-        profile_ids = [data["profile_id"]]          # legacy single profile
-    if not isinstance(profile_ids, list) or not all(isinstance(p, str) for p in profile_ids):
-        raise ValueError("profile_ids is not a list of strings")
-    mac = data.get("mac")
-    if mac is not None and (not isinstance(mac, str) or not MAC_RE.match(mac)):
-        raise ValueError(f"invalid mac {mac!r}")
-    state = data.get("state", "active")
-    return Endpoint(key=key, host=host, endpoint_id=eid, name=name,
-                    profile_ids=tuple(profile_ids),
-                    ipv4=_addresses(data.get("ipv4_nets"), 4, "ipv4_nets"),
-                    ipv6=_addresses(data.get("ipv6_nets"), 6, "ipv6_nets"),
-                    mac=mac.lower() if mac else None,
-                    active=(state == "active"))
+    """One endpoint item -> ``Endpoint``; ValueError when the compiler cannot
+    use it (no interface name or profile list, a bad MAC or address)."""
+    ep = Endpoint.from_json(key, value)
+    problem = ep.policy_problem()
+    if problem is not None:
+        raise ValueError(problem)
+    return ep
 
 
 def parse_endpoints(items: Mapping[str, str], warnings: Optional[List[str]] = None
                     ) -> List[Endpoint]:
-    """Every valid endpoint among ``items`` (key -> value), sorted by key;
+    """Every usable endpoint among ``items`` (key -> value), sorted by key;
     other keys under /calico/v1/host (BGP config...) are ignored quietly."""
     out = []
     for key in sorted(items):
@@ -209,64 +128,9 @@ def parse_endpoints(items: Mapping[str, str], warnings: Optional[List[str]] = No
         try:
             out.append(parse_endpoint(key, items[key]))
         except (ValueError, TypeError) as exc:
-            _warn(warnings, f"ignoring endpoint {key}: {exc}")
+            if warnings is not None:
+                warnings.append(f"ignoring endpoint {key}: {exc}")
     return out
-
-
-def parse_profiles(items: Mapping[str, str], warnings: Optional[List[str]] = None
-                   ) -> Dict[str, Profile]:
-    """Profiles from the items under /calico/v1/policy/profile (key -> value).
-
-    A profile exists as soon as one of its keys does; a missing or corrupt
-    ``rules`` key means no rules, a missing or corrupt ``tags`` key no tags."""
-    profiles: Dict[str, Profile] = {}
-    for key in sorted(items):
-        m = _PROFILE_KEY_RE.match(key)
-        if not m:
-            continue
-        name, what = m.groups()
-        if not VALID_ID_RE.match(name) or len(name) > MAX_ID_LEN:
-            _warn(warnings, f"ignoring profile with invalid name {name!r}")
-            continue
-        prof = profiles.setdefault(name, Profile(name))
-        if what == "labels":
-            continue
-        try:
-            data = json.loads(items[key])
-        except (ValueError, TypeError) as exc:
-            _warn(warnings, f"profile {name}: {what} is not JSON ({exc}); ignored")
-            continue
-        if what == "tags":
-            if not isinstance(data, list):
-                _warn(warnings, f"profile {name}: tags is not a list; ignored")
-                continue
-            tags = []
-            for t in data:
-                if isinstance(t, str) and VALID_ID_RE.match(t) and len(t) <= MAX_ID_LEN:
-                    if t not in tags:
-                        tags.append(t)
-                else:
-                    _warn(warnings, f"profile {name}: ignoring invalid tag {t!r}")
-            prof.tags = tuple(tags)
-        else:
-            if not isinstance(data, dict):
-                _warn(warnings, f"profile {name}: rules is not an object; no rules")
-                continue
-            for direction in ("inbound", "outbound"):
-                rules = data.get(f"{direction}_rules")
-                if rules is None:
-                    rules = []
-                if not isinstance(rules, list):
-                    _warn(warnings, f"profile {name}: {direction}_rules is not a list; "
-                                    "no rules")
-                    rules = []
-                setattr(prof, direction, rules)
-    return profiles
-
-
-def _warn(warnings: Optional[List[str]], message: str) -> None:
-    if warnings is not None:
-        warnings.append(message)
 
 
 # --------------------------------------------------------------------------
@@ -282,165 +146,36 @@ class CompiledRule:
     tags: Tuple[str, ...] = ()
 
 
-def _ver(value: Any, what: str) -> int:
-    if value in (4, 6) and not isinstance(value, bool):
-        return value
-    raise InvalidRule(f"{what} must be 4 or 6, got {value!r}")
-
-
-def _int(value: Any, lo: int, hi: int, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise InvalidRule(f"{what} must be an integer {lo}-{hi}, got {value!r}")
-    return value
-
-
-def _protocol(value: Any) -> Tuple[int, Optional[str]]:
-    """-> (number, name or None)."""
-    if isinstance(value, str):
-        name = value.lower()
-        if name in PROTOCOLS:
-            return PROTOCOLS[name], name
-        if value.isdigit():
-            value = int(value)
-        else:
-            raise InvalidRule(f"unknown protocol {value!r}")
-    num = _int(value, 1, 255, "protocol")
-    for name, n in PROTOCOLS.items():
-        if n == num:
-            return num, name
-    return num, None
-
-
-def _ports(value: Any, what: str) -> str:
-    """Felix port list -> nft set text ``{ 80, 1000-2000 }`` (ranges merged)."""
-    if not isinstance(value, list) or not value:
-        raise InvalidRule(f"{what} must be a non-empty list")
-    ranges = []
-    for item in value:
-        if isinstance(item, str):
-            lo_s, sep, hi_s = item.partition(":")
-            if not lo_s.isdigit() or (sep and not hi_s.isdigit()):
-                raise InvalidRule(f"{what}: invalid port {item!r}")
-            lo, hi = int(lo_s), int(hi_s) if sep else int(lo_s)
-        else:
-            lo = hi = _int(item, 0, 65535, f"{what} entry")
-        if not (0 <= lo <= hi <= 65535):
-            raise InvalidRule(f"{what}: invalid port range {item!r}")
-        ranges.append((lo, hi))
-    ranges.sort()
-    merged: List[List[int]] = []
-    for lo, hi in ranges:
-        if merged and lo <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    parts = [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in merged]
-    return "{ " + ", ".join(parts) + " }"
-
-
-def _tag(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not VALID_ID_RE.match(value) or len(value) > MAX_ID_LEN:
-        raise InvalidRule(f"{what} is not a valid tag: {value!r}")
-    return value
-
-
-def _net(value: Any, what: str) -> ipaddress._BaseNetwork:
-    if not isinstance(value, str):
-        raise InvalidRule(f"{what} must be a CIDR string, got {value!r}")
-    try:
-        return ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        raise InvalidRule(f"{what} is not a valid CIDR: {value!r}") from None
-
-
 def set_name(tag: str, version: int) -> str:
     return f"t{version}-{tag}"
 
 
-def rule_action(rule: Any) -> Optional[str]:
-    """"allow", "deny", or None if the action is unknown."""
-    if not isinstance(rule, dict):
-        return None
-    action = rule.get("action")
-    if action is None or action in ALLOW_ACTIONS:
-        return "allow"
-    if action == "deny":
-        return "deny"
-    return None
+def _port_set(ranges: Sequence[Tuple[int, int]]) -> str:
+    """Merged port ranges -> nft set text ``{ 80, 1000-2000 }``."""
+    return "{ " + ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges) + " }"
 
 
 def compile_rule(rule: Any) -> CompiledRule:
     """A Felix rule -> its nft match text per IP version; InvalidRule if it
-    is not valid."""
-    if not isinstance(rule, dict):
-        raise InvalidRule(f"rule is not an object: {rule!r}")
-    unknown = sorted(k for k in rule if k not in RULE_KEYS)
-    if unknown:
-        raise InvalidRule(f"unknown rule field(s) {', '.join(unknown)}")
-    r = {k: v for k, v in rule.items() if v is not None}
-    action = rule_action(r)
-    if action is None:
-        raise InvalidRule(f"unknown action {r.get('action')!r}")
-
-    versions = set()            # IP versions the rule is restricted to
-    if "ip_version" in r:
-        versions.add(_ver(r["ip_version"], "ip_version"))
-    nets = {}
-    for k in ("src_net", "dst_net", "!src_net", "!dst_net"):
-        if k in r:
-            nets[k] = _net(r[k], k)
-            versions.add(nets[k].version)
-
-    proto = neg_proto = None
-    if "protocol" in r:
-        proto = _protocol(r["protocol"])
-    if "!protocol" in r:
-        neg_proto = _protocol(r["!protocol"])
-    if proto and proto[1] == "icmp":
-        versions.add(4)
-    if proto and proto[1] == "icmpv6":
-        versions.add(6)
-    if len(versions) > 1:
-        raise InvalidRule("rule mixes IPv4 and IPv6 matches")
-
+    is not valid (``model.parse_rule`` says what valid is)."""
+    r = parse_rule(rule)
+    proto, neg_proto = r.protocol, r.not_protocol
     common: List[str] = []      # version-independent matches, in order
     if proto:
         common.append(f"meta l4proto {proto[1] or proto[0]}")
     if neg_proto:
         common.append(f"meta l4proto != {neg_proto[1] or neg_proto[0]}")
-
-    for side in ("src", "dst"):
-        for neg in ("", "!"):
-            k = f"{neg}{side}_ports"
-            if k not in r:
-                continue
-            if not proto or proto[1] not in PORT_PROTOCOLS:
-                raise InvalidRule(f"{k} needs protocol tcp, udp, sctp or udplite")
-            op = "!= " if neg else ""
-            port = "sport" if side == "src" else "dport"
-            common.append(f"{PORT_PROTOCOLS[proto[1]]} {port} {op}{_ports(r[k], k)}")
-
-    icmp_matches: List[str] = []
-    for k in ("icmp_type", "!icmp_type", "icmp_code", "!icmp_code"):
-        if k not in r:
-            continue
-        if not proto or proto[1] not in ("icmp", "icmpv6"):
-            raise InvalidRule(f"{k} needs protocol icmp or icmpv6")
-        if k.endswith("icmp_code") and "icmp_type" not in r:
-            raise InvalidRule(f"{k} needs icmp_type")
-        value = _int(r[k], 0, 255, k)
+    for k, ranges in r.ports:
+        op = "!= " if k.startswith("!") else ""
+        port = "sport" if "src" in k else "dport"
+        common.append(f"{PORT_PROTOCOLS[proto[1]]} {port} {op}{_port_set(ranges)}")
+    for k, value in r.icmp:
         what = "type" if k.endswith("type") else "code"
         op = "!= " if k.startswith("!") else ""
-        icmp_matches.append(f"{proto[1]} {what} {op}{value}")
-    common.extend(icmp_matches)
-
-    tags = []
-    tag_matches = []            # (direction, negated, tag)
-    for k in ("src_tag", "!src_tag", "dst_tag", "!dst_tag"):
-        if k in r:
-            tag = _tag(r[k], k)
-            tags.append(tag)
-            tag_matches.append(("saddr" if "src" in k else "daddr", k.startswith("!"), tag))
+        common.append(f"{proto[1]} {what} {op}{value}")
+    nets = dict(r.nets)
+    tag_matches = [("saddr" if "src" in k else "daddr", k.startswith("!"), tag)
+                   for k, tag in r.tags]
 
     def per_version(v: int) -> str:
         ip = "ip" if v == 4 else "ip6"
@@ -456,14 +191,13 @@ def compile_rule(rule: Any) -> CompiledRule:
             parts.append(f"meta nfproto {'ipv4' if v == 4 else 'ipv6'}")
         return " ".join(parts + common)
 
-    if versions:
-        (v,) = versions
-        out: Tuple[Tuple[Optional[int], str], ...] = ((v, per_version(v)),)
+    if r.version is not None:
+        out: Tuple[Tuple[Optional[int], str], ...] = ((r.version, per_version(r.version)),)
     elif tag_matches:
         out = ((4, per_version(4)), (6, per_version(6)))
     else:
         out = ((None, " ".join(common)),)
-    return CompiledRule(action=action, versions=out, tags=tuple(tags))
+    return CompiledRule(action=r.action, versions=out, tags=tuple(t for _, t in r.tags))
 
 
 # --------------------------------------------------------------------------
@@ -569,7 +303,7 @@ def compile_ruleset(local: Sequence[Endpoint], endpoints: Iterable[Endpoint],
         out = []
         if ep.active:
             if ep.mac:
-                out.append(f"ether saddr != {ep.mac} drop")
+                out.append(f"ether saddr != {ep.mac.lower()} drop")
             out.append(f"ip saddr != {_addr_set(v4)} drop" if v4 else "meta nfproto ipv4 drop")
             out.append(f"ip6 saddr != {_addr_set(v6 + ('fe80::/10',))} drop")
             out += _endpoint_rules(ep, profiles, "outbound", warnings, used_tags)

@@ -1,9 +1,11 @@
-"""Cross-host routes for Calico networks, without IPIP or VXLAN.
+"""Cross-host routes without IPIP or VXLAN: the desired routes from the
+datastore, their diff with the kernel's, and the Calico HostAgent's RouteAgent.
 
 Every host publishes its address as Calico's ``/calico/v1/host/<h>/bird_ip``
 (``[calico] ip``, auto-detected when absent).  ``RouteAgent`` runs in the
-per-host agent process beside the policy agent and keeps this host's main
-routing table in line with the datastore:
+per-host agent process beside the policy agent (fed by the host agent's one
+watch, backends/calico/host_agent.py) and keeps this host's main routing
+table in line with the datastore:
 
 * a block another host has affinity to (``/calico/ipam/v2/host/<h>/ipv4/block/
   <cidr-dash>``, Calico IPAM) is routed ``via <that host's bird_ip>``;
@@ -22,24 +24,25 @@ private routing protocol number ``RTPROT_NETPLUGIN`` (``ip route show proto
 never overwrites somebody else's route for the same destination.
 
 The agent lists both prefixes and reconciles (desired set vs. the routes with
-our protocol) at start, after every burst of watch events, every
-``resync_interval`` seconds and after a failure.  On stop the routes stay:
-cross-host traffic keeps flowing while the plugin restarts.
+our protocol; a ``netplugin.reconcile.Reconciler``) at start, after every
+burst of watch events (``quiet`` seconds without a further one, at most
+``debounce`` after the first), every ``resync_interval`` seconds and after a
+failure (backoff from 0.5 s doubling to ``max_retry``).  On stop the routes
+stay: cross-host traffic keeps flowing while the plugin restarts.
 """
 from __future__ import annotations
 
 import errno
 import ipaddress
-import json
 import logging
-import re
 import socket
 import threading
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
-from netplugin.datastore.base import DatastoreError, Event, watching
+from netplugin.datastore.base import Event, watching
+from netplugin.reconcile import Reconciler
 
-from backends.calico import ipam, keys
+from backends.calico import model
 
 log = logging.getLogger(__name__)
 
@@ -47,28 +50,28 @@ log = logging.getLogger(__name__)
 RTPROT_NETPLUGIN = 0x4e
 MAIN_TABLE = 254
 
-HOST_ROOT = keys.HOST_ROOT + "/"                 # /calico/v1/host/
-AFFINITY_ROOT = ipam.HOST_ROOT + "/"             # /calico/ipam/v2/host/
+HOST_ROOT = model.HOST_ROOT + "/"                 # /calico/v1/host/
+AFFINITY_ROOT = model.AFFINITY_ROOT + "/"         # /calico/ipam/v2/host/
 
-_BIRD_IP_RE = re.compile(r"^/calico/v1/host/([^/]+)/bird_ip$")
-_ENDPOINT_RE = re.compile(r"^/calico/v1/host/([^/]+)/workload/[^/]+/[^/]+/endpoint/[^/]+$")
-_AFFINITY_RE = re.compile(r"^/calico/ipam/v2/host/([^/]+)/ipv4/block/([^/]+)$")
+#: The only prefix lengths a route from the datastore may have: a Calico
+#: block, or a host route (``Endpoint.host_routes``): a bad writer must not
+#: install 0.0.0.0/1.
+BLOCK_PREFIXLEN = model.BLOCK_PREFIXLEN
 
-
-def bird_ip_key(host: str) -> str:
-    """``/calico/v1/host/<host>/bird_ip``."""
-    return f"{keys.HOST_ROOT}/{host}/bird_ip"
+bird_ip_key = model.bird_ip_key
+bird6_ip_key = model.bird6_ip_key
 
 
 def bird_ip_host(key: str) -> Optional[str]:
     """The host name of a ``/calico/v1/host/<host>/bird_ip`` key, else None."""
-    m = _BIRD_IP_RE.match(key)
-    return m.group(1) if m else None
+    parsed = model.parse_bird_ip_key(key)
+    return parsed[0] if parsed is not None and parsed[1] == 4 else None
 
 
 def relevant_key(key: str) -> bool:
     """True for the keys the route table depends on."""
-    return bool(_BIRD_IP_RE.match(key) or _ENDPOINT_RE.match(key) or _AFFINITY_RE.match(key))
+    return (model.parse_bird_ip_key(key) is not None or model.is_endpoint_key(key)
+            or model.parse_affinity_key(key) is not None)
 
 
 def _pairs(items: Iterable[Any]) -> Iterable[Tuple[str, str]]:
@@ -79,62 +82,77 @@ def _pairs(items: Iterable[Any]) -> Iterable[Tuple[str, str]]:
             yield item.key, item.value
 
 
+Net = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
 def parse_state(host_items: Iterable[Any], affinity_items: Iterable[Any]
-                ) -> Tuple[Dict[str, str], Dict[str, List[ipaddress.IPv4Network]],
-                           Dict[str, List[ipaddress.IPv4Network]]]:
-    """``(bird_ips, blocks, endpoint_nets)`` keyed by host name, from the items
+                ) -> Tuple[Dict[str, str], Dict[str, List[Net]], Dict[str, List[Net]]]:
+    """``(next_hops, blocks, endpoint_nets)`` keyed by host name, from the items
     under ``/calico/v1/host/`` and ``/calico/ipam/v2/host/`` (``Item`` objects
-    or ``(key, value)`` pairs).  Malformed entries are skipped with a warning;
-    IPv6 is left out (``bird_ip`` is IPv4)."""
-    bird_ips: Dict[str, str] = {}
-    blocks: Dict[str, List[ipaddress.IPv4Network]] = {}
-    endpoints: Dict[str, List[ipaddress.IPv4Network]] = {}
+    or ``(key, value)`` pairs).  ``next_hops[host]`` is its ``bird_ip``;
+    ``next_hops[host + "/6"]`` its ``bird6_ip``.  Malformed entries, and
+    prefixes that are neither a host route nor a Calico block, are skipped
+    with a warning."""
+    hops: Dict[str, str] = {}
+    blocks: Dict[str, List[Net]] = {}
+    endpoints: Dict[str, List[Net]] = {}
     for key, value in _pairs(host_items):
-        m = _BIRD_IP_RE.match(key)
-        if m:
+        bird = model.parse_bird_ip_key(key)
+        if bird is not None and bird[1] == 4:
             try:
-                bird_ips[m.group(1)] = str(ipaddress.IPv4Address((value or "").strip()))
+                hops[bird[0]] = str(ipaddress.IPv4Address((value or "").strip()))
             except ValueError:
                 log.warning("ignoring %s: %r is not an IPv4 address", key, value)
             continue
-        m = _ENDPOINT_RE.match(key)
-        if not m:
+        if bird is not None:
+            try:
+                addr = ipaddress.IPv6Address((value or "").strip())
+                if addr.is_link_local or addr.is_multicast or addr.is_unspecified:
+                    raise ValueError
+                hops[bird[0] + "/6"] = str(addr)
+            except ValueError:
+                log.warning("ignoring %s: %r is not a global IPv6 address", key, value)
+            continue
+        if not model.is_endpoint_key(key):
             continue
         try:
-            ep = json.loads(value)
-            nets = ep.get("ipv4_nets") or [] if isinstance(ep, dict) else None
-            if not isinstance(nets, list):
-                raise ValueError("ipv4_nets is not a list")
-            parsed = [ipaddress.IPv4Network(n, strict=False) for n in nets]
+            ep = model.Endpoint.from_json(key, value)
+            parsed: List[Net] = ep.host_routes()
         except (ValueError, TypeError) as exc:
             log.warning("ignoring endpoint %s: %s", key, exc)
             continue
-        endpoints.setdefault(m.group(1), []).extend(parsed)
+        endpoints.setdefault(ep.host, []).extend(parsed)
     for key, _ in _pairs(affinity_items):
-        m = _AFFINITY_RE.match(key)
-        if not m:
+        affinity = model.parse_affinity_key(key)
+        if affinity is None:
             continue
+        host, version, name = affinity
         try:
-            net = ipaddress.IPv4Network(m.group(2).replace("-", "/"))
+            net = ipaddress.ip_network(name.replace("-", "/"))
+            if net.version != version or net.prefixlen != BLOCK_PREFIXLEN[version]:
+                raise ValueError
         except ValueError:
-            log.warning("ignoring malformed affinity key %s", key)
+            log.warning("ignoring affinity key %s: not a /%d Calico block", key,
+                        BLOCK_PREFIXLEN[version])
             continue
-        blocks.setdefault(m.group(1), []).append(net)
-    return bird_ips, blocks, endpoints
+        blocks.setdefault(host, []).append(net)
+    return hops, blocks, endpoints
 
 
 def desired_routes(hostname: str, host_items: Iterable[Any], affinity_items: Iterable[Any],
-                   own_ip: Optional[str] = None) -> Dict[str, str]:
-    """``{destination CIDR: next hop}`` this host should have (pure function).
-
-    ``own_ip`` (this host's address) is never used as a next hop."""
-    bird_ips, blocks, endpoints = parse_state(host_items, affinity_items)
+                   own_ip: Optional[str] = None, own_ip6: Optional[str] = None
+                   ) -> Dict[str, str]:
+    """``{destination CIDR: next hop}`` this host should have (pure function):
+    IPv4 destinations via the owner's ``bird_ip``, IPv6 ones via its
+    ``bird6_ip``.  ``own_ip``/``own_ip6`` (this host's addresses) are never
+    used as a next hop."""
+    hops, blocks, endpoints = parse_state(host_items, affinity_items)
     own_blocks = set(blocks.get(hostname, ()))
     local_addrs = set(endpoints.get(hostname, ()))
     out: Dict[str, str] = {}
     owner: Dict[str, str] = {}
 
-    def want(dst: ipaddress.IPv4Network, host: str, via: str) -> None:
+    def want(dst: Net, host: str, via: str) -> None:
         key = str(dst)
         if key in out and out[key] != via:
             log.warning("%s is claimed by hosts %s and %s; routing it via %s", key,
@@ -146,22 +164,26 @@ def desired_routes(hostname: str, host_items: Iterable[Any], affinity_items: Ite
     for host in sorted(set(blocks) | set(endpoints)):
         if host == hostname:
             continue
-        via = bird_ips.get(host)
-        if via is None or via == own_ip:
-            if via is None:
-                log.debug("host %s has no bird_ip; not routing its addresses", host)
+        vias = {4: hops.get(host), 6: hops.get(host + "/6")}
+        if vias[4] == own_ip:
+            vias[4] = None
+        if own_ip6 and vias[6] == own_ip6:
+            vias[6] = None
+        if vias[4] is None and vias[6] is None:
+            log.debug("host %s has no bird_ip; not routing its addresses", host)
             continue
-        host_blocks = sorted(set(blocks.get(host, ())))
+        host_blocks = sorted(set(blocks.get(host, ())), key=lambda n: (n.version, n))
         for block in host_blocks:
-            if block in own_blocks:
+            if block in own_blocks or vias[block.version] is None:
                 continue        # both claim it: our own block is never routed away
-            want(block, host, via)
-        for net in sorted(set(endpoints.get(host, ()))):
-            if net in local_addrs:
+            want(block, host, vias[block.version])
+        for net in sorted(set(endpoints.get(host, ())), key=lambda n: (n.version, n)):
+            if net in local_addrs or vias[net.version] is None:
                 continue        # one of our endpoints holds it: keep our dev cali route
-            if any(net.subnet_of(b) for b in host_blocks if b not in own_blocks):
+            if any(net.version == b.version and net.subnet_of(b)
+                   for b in host_blocks if b not in own_blocks):
                 continue        # the block route covers it
-            want(net, host, via)
+            want(net, host, vias[net.version])
     return out
 
 
@@ -170,17 +192,23 @@ def desired_routes(hostname: str, host_items: Iterable[Any], affinity_items: Ite
 
 
 def _route_dst(msg) -> str:
-    return f"{msg.get_attr('RTA_DST') or '0.0.0.0'}/{msg['dst_len']}"
+    default = "::" if msg["family"] == socket.AF_INET6 else "0.0.0.0"
+    return f"{msg.get_attr('RTA_DST') or default}/{msg['dst_len']}"
+
+
+def _family(dst: str) -> int:
+    return socket.AF_INET6 if ":" in dst else socket.AF_INET
 
 
 def current_routes(ipr) -> Dict[str, str]:
-    """Our routes in the main table: ``{destination CIDR: next hop}``."""
+    """Our routes (IPv4 and IPv6) in the main table: ``{destination CIDR: next hop}``."""
     out: Dict[str, str] = {}
-    for msg in ipr.get_routes(family=socket.AF_INET):
-        if msg["proto"] != RTPROT_NETPLUGIN or msg.get_attr("RTA_TABLE") not in (
-                None, MAIN_TABLE):
-            continue
-        out[_route_dst(msg)] = msg.get_attr("RTA_GATEWAY") or ""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for msg in ipr.get_routes(family=family):
+            if msg["proto"] != RTPROT_NETPLUGIN or msg.get_attr("RTA_TABLE") not in (
+                    None, MAIN_TABLE):
+                continue
+            out[_route_dst(msg)] = msg.get_attr("RTA_GATEWAY") or ""
     return out
 
 
@@ -203,7 +231,7 @@ def apply_routes(desired: Dict[str, str], ipr=None) -> Dict[str, List[str]]:
                 continue
             try:
                 ipr.route("del", dst=dst, gateway=via or None, proto=RTPROT_NETPLUGIN,
-                          table=MAIN_TABLE)
+                          table=MAIN_TABLE, family=_family(dst))
                 done["deleted"].append(dst)
             except NetlinkError as exc:
                 if exc.code != errno.ESRCH:
@@ -215,7 +243,7 @@ def apply_routes(desired: Dict[str, str], ipr=None) -> Dict[str, List[str]]:
             verb = "replace" if dst in current else "add"
             try:
                 ipr.route(verb, dst=dst, gateway=via, proto=RTPROT_NETPLUGIN,
-                          table=MAIN_TABLE)
+                          table=MAIN_TABLE, family=_family(dst))
                 done["replaced" if verb == "replace" else "added"].append(dst)
             except NetlinkError as exc:
                 if exc.code == errno.EEXIST:
@@ -253,6 +281,36 @@ def detect_host_ip(ipr=None) -> Optional[str]:
             ipr.close()
 
 
+def detect_host_ip6(ipr=None) -> Optional[str]:
+    """A global IPv6 address of this host (the interface of the IPv6 default
+    route first, else the interface holding the IPv4 address), else None."""
+    from pyroute2 import IPRoute
+
+    own = ipr is None
+    ipr = ipr or IPRoute()
+    try:
+        addrs = []
+        for a in ipr.get_addr(family=socket.AF_INET6):
+            addr = a.get_attr("IFA_ADDRESS")
+            if a["scope"] == 0 and addr and not ipaddress.IPv6Address(addr).is_link_local \
+                    and addr != "::1":
+                addrs.append((a["index"], addr))
+        if not addrs:
+            return None
+        oifs = [r.get_attr("RTA_OIF") for r in ipr.get_routes(family=socket.AF_INET6,
+                                                              table=MAIN_TABLE)
+                if r["dst_len"] == 0 and r.get_attr("RTA_OIF")]
+        oifs += [a["index"] for a in ipr.get_addr(family=socket.AF_INET) if a["scope"] == 0]
+        for oif in oifs:
+            for index, addr in addrs:
+                if index == oif:
+                    return addr
+        return addrs[0][1]
+    finally:
+        if own:
+            ipr.close()
+
+
 # --------------------------------------------------------------------------
 # the agent
 
@@ -262,56 +320,72 @@ class RouteAgent:
 
     def __init__(self, datastore, hostname: str, ip: str = "",
                  resync_interval: float = 30.0, quiet: float = 0.2,
-                 max_retry: float = 10.0):
+                 max_retry: float = 10.0, ip6: Optional[str] = "",
+                 debounce: float = 10.0):
         self.datastore = datastore
         self.hostname = hostname
         self.ip = ip
+        #: "" = auto-detect at run(); None = no IPv6 next hop published.
+        self.ip6 = ip6
         self.resync_interval = resync_interval
         self.quiet = quiet
         self.max_retry = max_retry
-        self._wake = threading.Event()
-        self._halt = threading.Event()
         self.syncs = 0
+        self.last_done: Dict[str, List[str]] = {}
+        self.reconciler = Reconciler(
+            "routes", observe=lambda: None, desired=self._desired, diff=_Routes,
+            apply=self._apply, interval=resync_interval, retry=min(0.5, max_retry),
+            max_retry=max_retry, quiet=quiet, debounce=max(debounce, quiet))
 
     def stop(self) -> None:
-        self._halt.set()
-        self._wake.set()
+        self.reconciler.stop()
+
+    #: What the agent follows (the host agent's watch feeds ``on_event``).
+    watch_prefixes = (HOST_ROOT, AFFINITY_ROOT)
+
+    def on_event(self, prefix: str, ev: Event) -> None:
+        """A watch event under ``prefix`` (one of ``watch_prefixes``)."""
+        self._on_event(ev)
 
     def _on_event(self, ev: Event) -> None:
         if relevant_key(ev.key):
-            self._wake.set()
+            self.reconciler.notify()
 
-    def _stopping(self, stop: threading.Event) -> bool:
-        return stop.is_set() or self._halt.is_set()
-
-    def _sleep(self, stop: threading.Event, seconds: float) -> bool:
-        """Wait up to ``seconds`` for a watch event; True if woken early."""
-        waited = 0.0
-        while waited < seconds and not self._stopping(stop):
-            step = min(1.0, seconds - waited)
-            if self._wake.wait(step):
-                return True
-            waited += step
-        return False
-
-    def sync(self) -> Dict[str, List[str]]:
-        """One full reconcile: list, (re)publish our bird_ip, program routes."""
+    # -- the reconciler's steps (observe: the kernel, read by apply_routes) ------
+    def _desired(self) -> Dict[str, str]:
+        """List both prefixes, (re)publish our bird_ip; the routes wanted."""
         host_items = self.datastore.list_prefix(HOST_ROOT)
         affinity_items = self.datastore.list_prefix(AFFINITY_ROOT)
         key = bird_ip_key(self.hostname)
         if not any(i.key == key and i.value == self.ip for i in host_items):
             self.datastore.put(key, self.ip)
             log.info("published %s = %s", key, self.ip)
-        desired = desired_routes(self.hostname, host_items, affinity_items, self.ip)
-        done = apply_routes(desired)
+        if self.ip6:
+            key6 = bird6_ip_key(self.hostname)
+            if not any(i.key == key6 and i.value == self.ip6 for i in host_items):
+                self.datastore.put(key6, self.ip6)
+                log.info("published %s = %s", key6, self.ip6)
+        return desired_routes(self.hostname, host_items, affinity_items, self.ip,
+                              self.ip6 or None)
+
+    def _apply(self, routes: "_Routes") -> Dict[str, int]:
+        done = apply_routes(routes.desired)
         self.syncs += 1
+        self.last_done = done
         changed = {k: v for k, v in done.items() if v}
         if changed:
             log.info("routes: %s (%d wanted)", ", ".join(
-                f"{k} {' '.join(v)}" for k, v in changed.items()), len(desired))
-        return done
+                f"{k} {' '.join(v)}" for k, v in changed.items()), len(routes.desired))
+        return {k: len(done[k]) for k in ("added", "replaced", "deleted")}   # repairs
 
-    def run(self, stop: threading.Event) -> None:
+    def sync(self) -> Dict[str, List[str]]:
+        """One full reconcile: list, (re)publish our bird_ip, program routes."""
+        self._apply(_Routes(self._desired()))
+        return self.last_done
+
+    def run(self, stop: threading.Event, watched: bool = False) -> None:
+        """Until ``stop`` or ``self.stop()``.  ``watched``: the caller's watch
+        feeds ``on_event``; else the agent watches its prefixes."""
         if not self.ip:
             self.ip = detect_host_ip() or ""
             if not self.ip:
@@ -320,36 +394,30 @@ class RouteAgent:
                 return
             log.info("auto-detected this host's address %s (set [calico] ip to choose)",
                      self.ip)
-        log.info("route agent for host %s (%s) starting", self.hostname, self.ip)
+        if self.ip6 == "":
+            self.ip6 = detect_host_ip6() or None
+            if self.ip6 is None:
+                log.info("this host has no global IPv6 address (set [calico] ip6): "
+                         "other hosts' IPv6 addresses are not routed to it")
+        log.info("route agent for host %s (%s%s) starting", self.hostname, self.ip,
+                 f", {self.ip6}" if self.ip6 else "")
         try:
-            with watching(self.datastore, {HOST_ROOT: self._on_event,
-                                           AFFINITY_ROOT: self._on_event}):
-                self._loop(stop)
+            if watched:
+                self.reconciler.run(stop)
+            else:
+                with watching(self.datastore, {HOST_ROOT: self._on_event,
+                                               AFFINITY_ROOT: self._on_event}):
+                    self.reconciler.run(stop)
         finally:
             log.info("route agent stopped (routes left in place)")
 
-    def _loop(self, stop: threading.Event) -> None:
-        """Reconcile now, after every burst of events, every
-        ``resync_interval`` and (with back-off) after a failure."""
-        retry = 0.5
-        while not self._stopping(stop):
-            self._wake.clear()
-            try:
-                self.sync()
-                retry = 0.5
-                woken = self._sleep(stop, self.resync_interval)
-            except (DatastoreError, OSError) as exc:
-                log.warning("route sync failed (%s); retrying in %.1f s", exc, retry)
-                woken = self._sleep(stop, retry)
-                retry = min(retry * 2, self.max_retry)
-            except Exception:
-                log.exception("route sync crashed; retrying in %.1f s", retry)
-                woken = self._sleep(stop, retry)
-                retry = min(retry * 2, self.max_retry)
-            if woken and not self._stopping(stop):
-                # let a burst of events settle (one reconcile for many)
-                for _ in range(50):     # at most ~50 quiet periods
-                    if not self._wake.is_set() or self._stopping(stop):
-                        break
-                    self._wake.clear()
-                    (stop if stop.is_set() else self._halt).wait(self.quiet)
+
+class _Routes:
+    """The routes wanted: always applied (``apply_routes`` diffs them against
+    the kernel's routes of our protocol, and deletes ours not wanted)."""
+
+    def __init__(self, desired: Dict[str, str], _observed: Any = None):
+        self.desired = desired
+
+    def __bool__(self) -> bool:
+        return True

@@ -2,6 +2,6 @@
 python-ovs), Docker's IPAM for addresses.  See ``backends/nuage/driver.py``
 and docs/nuage.md.
 
-Importing this package registers ``NuageBackend`` as ``"nuage"``.
+``backends.nuage.config`` parses the ``[nuage]`` table; importing
+``backends.nuage.driver`` registers ``NuageBackend`` as ``"nuage"``.
 """
-from backends.nuage.driver import NuageBackend  # noqa: F401  (registers "nuage")

@@ -1,4 +1,5 @@
 """What the Nuage backend asks Docker (over ``docker_endpoint``), safely.
+Owns the Nuage backend's two questions to Docker, on top of netplugin.docker.
 
 Two questions, both with a short per-call timeout and never a call that takes
 the container's lock (``docker inspect <container>`` would wait for the very
@@ -17,17 +18,14 @@ Failures raise ``DockerUnavailable``; callers decide the fallback.
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Optional, Set
 
-from netplugin.errors import PluginError
+from netplugin.docker import DockerClient, DockerUnavailable
+
+__all__ = ["Container", "DockerApi", "DockerUnavailable"]
 
 log = logging.getLogger(__name__)
-
-
-class DockerUnavailable(PluginError):
-    """Docker did not answer (in time) or answered garbage."""
 
 
 @dataclass(frozen=True)
@@ -37,45 +35,18 @@ class Container:
 
 
 class DockerApi:
-    def __init__(self, endpoint: str, timeout: float = 3.0):
+    """The Nuage backend's two questions, over ``netplugin.docker.DockerClient``."""
+
+    def __init__(self, endpoint: str, timeout: float = 3.0, factory=None):
         self.endpoint = endpoint
         self.timeout = timeout
-        self._client = None
-        self._lock = threading.Lock()
-
-    def _get_client(self):
-        with self._lock:
-            if self._client is None:
-                import docker  # noqa: PLC0415 - heavy import, only when used
-                try:
-                    # "auto" asks /version (lock-free) for the API version to speak.
-                    self._client = docker.APIClient(base_url=self.endpoint, version="auto",
-                                                    timeout=self.timeout)
-                except Exception as exc:  # noqa: BLE001 - any transport error
-                    raise DockerUnavailable(
-                        f"cannot reach Docker at {self.endpoint}: {_reason(exc)}") from exc
-            return self._client
+        self.docker = DockerClient(endpoint, timeout, factory=factory)
 
     def _call(self, what: str, fn, *args, **kwargs):
-        client = self._get_client()
-        try:
-            return fn(client, *args, **kwargs)
-        except Exception as exc:  # noqa: BLE001
-            with self._lock:  # a broken connection pool: start afresh next time
-                if self._client is client:
-                    self._client = None
-            try:
-                client.close()
-            except Exception:  # noqa: BLE001
-                pass
-            raise DockerUnavailable(f"Docker at {self.endpoint}: {what} failed: "
-                                    f"{_reason(exc)}") from exc
+        return self.docker.call(what, lambda client: fn(client, *args, **kwargs))
 
     def close(self) -> None:
-        with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
+        self.docker.close()
 
     # ------------------------------------------------------------------
     def container_for_endpoint(self, network_id: str, endpoint_id: str) -> Optional[Container]:
@@ -115,9 +86,3 @@ class DockerApi:
                     out.add(ep["EndpointID"])
         return out
 
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    if "Read timed out" in text or "timed out" in text.lower():
-        return "timed out"
-    return text.splitlines()[0][:300]

@@ -21,23 +21,31 @@ DeleteEndpoint   the same (Docker skips Leave after a failed Join) and forget
 DeleteNetwork    forget the network [1D].
 ================ ===========================================================
 
-Every removal is idempotent.  When the OVSDB connection comes back (ovsdb-
-server restarted, connection dropped) the rows of every joined endpoint are
-re-asserted and rows this plugin owns without a live endpoint are removed; at
-start-up endpoints Docker no longer has are removed entirely.
+Every removal is idempotent.  Host-wide work runs once per host, in the
+HostAgent role (backends/nuage/host_agent.py, run by the agent process), not
+in every gunicorn worker: when its OVSDB connection comes back (ovsdb-server
+restarted, connection dropped) the rows of every joined endpoint are
+re-asserted and rows this plugin owns without a live endpoint are removed;
+and the audit loop removes the endpoints Docker no longer has (the one-shot
+``--audit`` is ``audit`` below, with the same two-look rule).  Per-endpoint
+work is serialised host-wide (workers and agent) by a lock file under the
+driver's state directory.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import ipaddress
 import logging
+import os
 import threading
 import time
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 from netplugin import linux as _linux
 from netplugin import protocol as p
-from netplugin.backend import Backend, register
+from netplugin.backend import Backend, NetworkDriver, register
 from netplugin.datastore import DatastoreError, KeyNotFound
 from netplugin.errors import InvalidRequest, NotFound, NotSupported, PluginError
 
@@ -49,9 +57,14 @@ from backends.nuage.vrs import VrsClient, VrsError, VrsUnavailable, vrs_remote
 
 log = logging.getLogger(__name__)
 
+#: An endpoint created after the agent started is judged only once its record
+#: is this old (seconds): Docker lists an endpoint as soon as it is created.
+MIN_AGE = 30.0
+LOCK_BUCKETS = 256
+
 
 @register("nuage")
-class NuageBackend(Backend):
+class NuageBackend(Backend, NetworkDriver):
     """Containers as vPorts of the local Nuage VRS; Docker's IPAM supplies addresses."""
 
     implements_ipam = False
@@ -71,33 +84,49 @@ class NuageBackend(Backend):
         self._locks: Dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._started_at = time.time()
-        self._serving = False     # start() ran: react to VRS (re)connections
+        #: Set by the running host agent: called on every VRS (re)connection.
+        self.on_vrs_connect: Optional[Callable[[int], None]] = None
         self._stopped = False
 
     # ---- lifecycle ----------------------------------------------------------
     def start(self) -> None:
-        """Before serving: connect to VRS (in the background; every (re)connection
-        re-asserts joined vPorts) and run the start-up audit."""
+        """Before serving (every worker): connect to VRS in the background.
+        Re-assertion and the audit run once per host, in the host agent."""
         self._started_at = time.time()
-        self._serving = True
         try:
             self._vrs()
         except VrsUnavailable as exc:
             log.error("%s (every Join will fail until this is fixed)", exc)
-        try:
-            summary = self.audit()
-            if summary["stale_endpoints"] or summary["orphan_vports"]:
-                log.info("start-up audit: %s", summary)
-        except PluginError as exc:
-            log.warning("start-up audit skipped: %s", exc)
-        except Exception:  # noqa: BLE001 - never keep the plugin from serving
-            log.exception("start-up audit failed; serving anyway")
+
+    def host_agent(self):
+        """Once per host (agent process): re-assertion on VRS connections and
+        the audit loop (backends/nuage/host_agent.py)."""
+        from backends.nuage.host_agent import NuageHostAgent
+        n = self.config.nuage
+        return NuageHostAgent(self, self.docker, driver=self.driver,
+                              audit_interval=n.audit_interval, audit_grace=n.audit_grace)
 
     def stop(self) -> None:
         self._stopped = True
         if self.vrs is not None:
             self.vrs.stop()
         self.docker.close()
+
+    def docker_endpoint(self):
+        return self.config.nuage.docker_endpoint
+
+    def health_checks(self):
+        """VRS's OVSDB connected and its replica loaded, and Docker (``/health``)."""
+        from netplugin import health
+        vrs = self._vrs()
+        n = self.config.nuage
+        remote = vrs_remote(n.vrs_endpoint, n.vrs_port)
+        if vrs.ready:
+            ovsdb = (True, f"VRS OVSDB at {remote} connected")
+        else:
+            ovsdb = (False, f"VRS OVSDB at {remote} not connected: {vrs.last_error}")
+        return {"vrs": ovsdb,
+                "docker": health.check_docker(n.docker_endpoint, min(n.docker_timeout, 3.0))}
 
     def _vrs(self) -> VrsClient:
         """The VRS client, created (and started) on first use."""
@@ -113,11 +142,35 @@ class NuageBackend(Backend):
 
     @contextmanager
     def _endpoint_lock(self, eid: str) -> Iterator[None]:
-        """Serialise Join/Leave/DeleteEndpoint/re-assert/audit of one endpoint."""
+        """Serialise Join/Leave/DeleteEndpoint/re-assert/audit of one endpoint,
+        host-wide: a thread lock in this process, and an flock on one of
+        LOCK_BUCKETS files under the driver's state directory against the
+        other workers and the agent."""
         with self._locks_guard:
             lock = self._locks.setdefault(eid, threading.Lock())
         with lock:
-            yield
+            fd = self._lock_fd(eid)
+            try:
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                if fd is not None:
+                    os.close(fd)            # releases the flock
+
+    def _lock_fd(self, eid: str) -> Optional[int]:
+        bucket = int(hashlib.sha1(eid.encode()).hexdigest(), 16) % LOCK_BUCKETS
+        directory = os.path.join(self.config.driver_state_dir, "locks")
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            return os.open(os.path.join(directory, f"{bucket:02x}"),
+                           os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if not getattr(self, "_lock_warned", False):
+                self._lock_warned = True
+                log.warning("no host-wide endpoint lock (%s): %s; locking within this "
+                            "process only", directory, exc)
+            return None
 
     # ---- datastore records ------------------------------------------------------
     def _read_network(self, nid: str) -> NuageNetwork:
@@ -315,16 +368,13 @@ class NuageBackend(Backend):
 
     # ---- reconnect, audit -------------------------------------------------------
     def _on_vrs_connect(self, n: int) -> None:
-        """Every time the OVSDB replica is (re)loaded: re-assert the rows of
-        joined endpoints, remove rows this plugin owns without one."""
-        if self._stopped or not self._serving:
-            return                 # e.g. a one-shot --audit run
-        log.info("VRS connection #%d: re-asserting the vPorts of joined endpoints", n)
-        try:
-            self.reassert()
-            self.remove_orphans()
-        except PluginError as exc:
-            log.warning("after VRS connection #%d: %s", n, exc)
+        """Every time the OVSDB replica is (re)loaded: handled by the host agent
+        when one runs on this instance (``on_vrs_connect``); workers and a
+        one-shot ``--audit`` ignore it."""
+        listener = self.on_vrs_connect
+        if self._stopped or listener is None:
+            return
+        listener(n)
 
     def reassert(self) -> int:
         """Write back the rows of every joined endpoint of this host (idempotent);
@@ -406,14 +456,46 @@ class NuageBackend(Backend):
             log.info("removed %d orphan vPort(s): %s", len(removed), ", ".join(removed))
         return removed
 
-    def audit(self, dry_run: bool = False) -> dict:
+    def _endpoint_items(self) -> Dict[str, Tuple[EndpointRecord, int]]:
+        """``{eid: (record, datastore version)}`` of this host's endpoints."""
+        out: Dict[str, Tuple[EndpointRecord, int]] = {}
+        for item in self.datastore.list_prefix(keys.endpoint_dir(self.hostname)):
+            try:
+                rec = EndpointRecord.from_json(item.key, item.value)
+            except PluginError as exc:
+                log.warning("%s; ignoring it", exc)
+                continue
+            out[rec.endpoint_id] = (rec, item.version)
+        return out
+
+    def _stale(self, items: Dict[str, Tuple[EndpointRecord, int]], known: Set[str],
+               now: float) -> Dict[str, Tuple[EndpointRecord, int]]:
+        """Records Docker does not know, old enough to be judged: created
+        before this process started, or at least MIN_AGE seconds ago."""
+        return {e: v for e, v in items.items() if e not in known
+                and (v[0].created < self._started_at or v[0].created < now - MIN_AGE)}
+
+    @staticmethod
+    def _agree(first: Dict[str, Tuple[EndpointRecord, int]],
+               second: Dict[str, Tuple[EndpointRecord, int]]
+               ) -> Dict[str, Tuple[EndpointRecord, int]]:
+        """Stale at both looks, with the same record version."""
+        return {e: v for e, v in first.items() if e in second and second[e][1] == v[1]}
+
+    def _look(self) -> Dict[str, Tuple[EndpointRecord, int]]:
+        items = self._endpoint_items()               # our state first, then Docker
+        known = self.docker.endpoint_ids(self.driver)
+        return self._stale(items, known, time.time())
+
+    def audit(self, dry_run: bool = False, grace: Optional[float] = None) -> dict:
         """Remove what Docker no longer knows: endpoints of this host Docker does
-        not list lose their rows, OVS port, veth and record (if VRS is not
-        reachable, the record is marked stale and the rest happens when it
-        connects); then orphan vPorts go.  Endpoints created after this process
-        started are left alone (Docker may not list them yet).  Raises a
-        PluginError when Docker or the datastore cannot be asked (nothing is
-        deleted then).  With ``dry_run`` only reports.
+        not list at two looks ``grace`` seconds apart (``[nuage] audit_grace``)
+        whose record did not change in between lose their rows, OVS port, veth
+        and record (if VRS is not reachable, the record is marked stale and the
+        rest happens when it connects); then orphan vPorts go.  Endpoints
+        created after this process started are left alone (Docker may not list
+        them yet).  Raises a PluginError when Docker or the datastore cannot be
+        asked (nothing is deleted then).  With ``dry_run`` only reports.
 
         Summary: ``stale_endpoints`` (EndpointIDs), ``pending`` (those whose
         OVSDB cleanup waits for VRS), ``orphan_vports`` (vPort names), ``vrs``
@@ -424,24 +506,38 @@ class NuageBackend(Backend):
             vrs_state = "connected"
         except VrsUnavailable as exc:
             vrs_state = str(exc)
-        records = self._local_records()
-        known = self.docker.endpoint_ids(self.driver)
-        stale = [r for r in records
-                 if r.endpoint_id not in known and r.created < self._started_at]
+        grace = self.config.nuage.audit_grace if grace is None else grace
+        stale = self._look()
+        if stale:
+            time.sleep(grace)
+            stale = self._agree(stale, self._look())
         summary = {"dry_run": dry_run, "vrs": vrs_state, "pending": [],
-                   "stale_endpoints": [r.endpoint_id for r in stale], "orphan_vports": []}
+                   "stale_endpoints": sorted(stale), "orphan_vports": []}
         if dry_run:
             if vrs.ready:
                 orphans, _, ports = self._orphans()
-                stale_ports = {r.port for r in stale if r.vport} & set(ports)
+                stale_ports = {r.port for r, _ in stale.values() if r.vport} & set(ports)
                 summary["orphan_vports"] = sorted(set(orphans) | stale_ports)
             return summary
-        for old in stale:
-            eid = old.endpoint_id
+        summary["pending"] = self._remove_stale(stale)
+        summary["orphan_vports"] = self.remove_orphans()
+        return summary
+
+    def _remove_stale(self, stale: Dict[str, Tuple[EndpointRecord, int]]) -> List[str]:
+        """Remove the endpoints ``stale`` names, each only if its record is
+        still at the version seen; returns those whose OVSDB cleanup waits."""
+        pending = []
+        for eid, (_, version) in sorted(stale.items()):
             with self._endpoint_lock(eid):
-                rec = self._read_endpoint(eid)
-                if rec is None:
+                try:
+                    item = self.datastore.get(keys.endpoint(self.hostname, eid))
+                except KeyNotFound:
                     continue
+                if item.version != version:
+                    log.info("audit: endpoint %s changed since it was looked at; kept",
+                             eid[:12])
+                    continue
+                rec = EndpointRecord.from_json(item.key, item.value)
                 if not rec.stale or rec.joined:
                     rec.stale, rec.joined = True, False
                     self._write_endpoint(rec)   # never re-asserted from now on
@@ -449,9 +545,8 @@ class NuageBackend(Backend):
                 if clean and not problems:
                     self._delete_endpoint_record(eid)
                 else:
-                    summary["pending"].append(eid)
+                    pending.append(eid)
             log.info("audit: endpoint %s (vPort %s) is gone from Docker: %s", eid[:12],
                      rec.port, "removed" if clean and not problems else
                      "removing it when VRS is reachable")
-        summary["orphan_vports"] = self.remove_orphans()
-        return summary
+        return pending

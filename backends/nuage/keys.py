@@ -1,4 +1,5 @@
 """Datastore keys of the Nuage backend.
+Owns the Nuage datastore layout (network and per-host endpoint keys).
 
 Networks are shared by every host (scope global: all plugins use the same
 datastore); endpoints are kept per host, so that each host's start-up audit

@@ -1,4 +1,5 @@
 """Nuage networks: the ``-o`` options, their validation and the stored record.
+Owns the network options, their validation and the network record's JSON.
 
 ``docker network create --driver=nuage -o organization=Enterprise -o domain=Domain
 -o zone=Zone -o subnet="Subnet 2" -o user=admin --subnet=10.21.59.0/24 MyNet``

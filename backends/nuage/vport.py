@@ -1,4 +1,5 @@
 """One container interface as VRS sees it: names, enums, and the OVSDB rows.
+Owns the interface names, the VRS enums and the OVSDB rows of one vPort.
 
 Per endpoint the backend creates a veth pair ``nuv<id>`` (host end, an OVS
 port of the VRS bridge, also the vPort name in ``Nuage_Port_Table``) /

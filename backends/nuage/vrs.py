@@ -1,4 +1,5 @@
 """The connection to the local VRS: its OVSDB, through the python-ovs IDL.
+Owns the OVSDB connection, its transactions and reconnects; nothing else speaks OVSDB.
 
 One ``VrsClient`` per worker process keeps one long-lived IDL connection to
 the VRS's ``ovsdb-server`` (``Open_vSwitch`` database: the stock Bridge/Port/
@@ -299,6 +300,11 @@ class VrsClient:
         return (idl is not None and idl._session.is_connected()
                 and idl.state == idl.IDL_S_MONITORING
                 and self._loaded_seqno == idl._session.get_seqno())
+
+    @property
+    def last_error(self) -> str:
+        """Why the client is not connected (or the last connection error)."""
+        return self._last_error
 
     @property
     def ready(self) -> bool:

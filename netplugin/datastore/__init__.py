@@ -1,13 +1,20 @@
-"""Datastore adapters: embedded (sqlite file), etcd (v2 API), consul."""
+"""Datastore adapters: embedded (sqlite file), etcd (v2 API), etcdv3 (v3 API), consul.
+Owns the adapter table (type name -> class) and open_datastore; the interface is base.py.
+"""
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING
 
 from netplugin.datastore.base import (  # noqa: F401  (re-exported)
-    CompareFailed, Datastore, DatastoreError, DatastoreUnavailable, Event, Item,
-    KeyExists, KeyNotFound, Watch, normalize_prefix, watching)
+    CompareFailed, Datastore, DatastoreError, DatastoreMisconfigured, DatastoreUnavailable,
+    Event, Item, KEEP, KeyExists, KeyNotFound, TooMuchContention, Watch, normalize_prefix,
+    watching)
 from netplugin.datastore.counting import CountingDatastore  # noqa: F401
+
+__all__ = ["ADAPTERS", "CompareFailed", "CountingDatastore", "Datastore", "DatastoreError",
+           "DatastoreMisconfigured", "DatastoreUnavailable", "Event", "Item", "KeyExists",
+           "KEEP", "KeyNotFound", "TooMuchContention", "Watch", "normalize_prefix", "open_datastore", "watching"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from netplugin.config import DatastoreConfig
@@ -16,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 ADAPTERS = {
     "embedded": ("netplugin.datastore.embedded", "EmbeddedDatastore"),
     "etcd": ("netplugin.datastore.etcd", "EtcdDatastore"),
+    "etcdv3": ("netplugin.datastore.etcdv3", "Etcd3Datastore"),
     "consul": ("netplugin.datastore.consul", "ConsulDatastore"),
 }
 

@@ -1,4 +1,5 @@
 """The datastore interface every adapter implements.
+Owns the contract (items, versions, errors, watches, update) and helpers shared by adapters.
 
 Keys are slash-separated paths in the etcd v2 style (``/calico/v1/...``); values
 are strings (JSON text where structured).  Every stored item carries an integer
@@ -13,9 +14,12 @@ from __future__ import annotations
 import abc
 import contextlib
 import logging
+import random
 import threading
+import time
+import urllib.parse
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Mapping, Optional
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from netplugin.errors import PluginError
 
@@ -46,6 +50,16 @@ class CompareFailed(DatastoreError):
 
 class DatastoreUnavailable(DatastoreError):
     """The datastore could not be reached (or failed in an unexpected way)."""
+
+
+class TooMuchContention(DatastoreError):
+    """``Datastore.update`` lost its compare-and-swap too many times in a row."""
+
+
+class DatastoreMisconfigured(DatastoreUnavailable):
+    """A failure waiting cannot heal: unreadable certificate files, TLS
+    verification failed (wrong CA or certificate), bad credentials.  The
+    plugin refuses to start on it (an unreachable store only delays)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +95,11 @@ class Watch:
         self._stop.set()
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(timeout)
+
+
+UPDATE_RETRIES = 50
+#: Returned by an ``update`` mutator: leave the key as it is.
+KEEP = object()
 
 
 class Datastore(abc.ABC):
@@ -126,6 +145,40 @@ class Datastore(abc.ABC):
         """Call ``callback(event)`` from a background thread for each change under
         ``prefix`` after version ``since`` (default: from now on) until the
         returned ``Watch`` is stopped.  Reconnects by itself after failures."""
+
+    def update(self, key: str, mutate: Callable[[Optional[Item]], Optional[str]],
+               retries: int = UPDATE_RETRIES) -> Optional[Item]:
+        """Read-modify-write ``key`` under compare-and-swap.
+
+        ``mutate(item)`` gets the stored item (None when absent) and returns
+        the new value: ``None`` deletes the key (nothing when absent), the
+        stored value unchanged writes nothing (``KEEP`` says the same).  It
+        may raise to abort (nothing is written) and is called again, with a
+        fresh read, whenever a concurrent writer won.  Returns the item as
+        stored afterwards (None when absent); ``TooMuchContention`` after
+        ``retries`` lost races."""
+        for attempt in range(retries):
+            if attempt:
+                time.sleep(min(0.001 * 2 ** attempt, 0.05) * random.random())
+            try:
+                current: Optional[Item] = self.get(key)
+            except KeyNotFound:
+                current = None
+            value = mutate(current)
+            if value is KEEP or (current is not None and value == current.value):
+                return current
+            try:
+                if value is None:
+                    if current is not None:
+                        self.delete(key, current.version)
+                    return None
+                if current is None:
+                    return self.create(key, value)
+                return self.compare_and_swap(key, value, current.version)
+            except (CompareFailed, KeyExists, KeyNotFound):
+                continue
+        raise TooMuchContention(f"datastore key {key} changed concurrently {retries} "
+                                f"times in a row; not updated")
 
     def ping(self) -> None:
         """Raise ``DatastoreUnavailable`` if the store cannot be reached."""
@@ -227,3 +280,35 @@ def watching(datastore: "Datastore",
 def normalize_prefix(prefix: str) -> str:
     """``/a/b`` and ``/a/b/`` both mean the directory ``/a/b/`` for listing."""
     return prefix if prefix.endswith("/") else prefix + "/"
+
+
+def parse_http_address(text: str, what: str, default_port: int, want: str
+                       ) -> Tuple[str, str, int]:
+    """``[http[s]://]host[:port]`` -> (scheme, host name without brackets, port);
+    DatastoreError ``bad <what> '<text>': <reason>`` otherwise."""
+    url = text.strip()
+    if "://" not in url:
+        url = "http://" + url
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port or default_port
+    except ValueError as e:
+        raise DatastoreError(f"bad {what} {text!r}: {e}") from None
+    if not parts.hostname or parts.scheme not in ("http", "https"):
+        raise DatastoreError(f"bad {what} {text!r}: want {want}")
+    return parts.scheme, parts.hostname, port
+
+
+def bracketed(host: str) -> str:
+    """An IPv6 literal in brackets, for a URL; other hosts unchanged."""
+    return f"[{host}]" if ":" in host else host
+
+
+def endpoint_list(endpoints, what: str) -> List[str]:
+    """``endpoints`` as a list (a string may hold several, comma or space
+    separated); DatastoreError when there is none."""
+    if isinstance(endpoints, str):
+        endpoints = [e for e in endpoints.replace(",", " ").split() if e]
+    if not endpoints:
+        raise DatastoreError(f"no {what} endpoints configured")
+    return list(endpoints)

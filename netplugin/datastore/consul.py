@@ -1,4 +1,5 @@
 """The consul datastore (consul's KV store through py-consul).
+Owns the mapping of the interface onto consul's KV API (indexes, blocking queries).
 
 Consul keys have no leading slash: ``/calico/v1/x`` is stored as
 ``calico/v1/x``.  ``version`` is consul's ``ModifyIndex``.
@@ -21,7 +22,6 @@ import inspect
 import json
 import logging
 import socket
-import urllib.parse
 from typing import Callable, Dict, List, Optional, Tuple
 
 import consul
@@ -30,7 +30,7 @@ import requests
 from netplugin.datastore.base import (
     CompareFailed, Datastore, DatastoreError, DatastoreUnavailable, Event, Item,
     KeyExists, KeyNotFound, Watch, WatchSet, deliver_events, diff_snapshot,
-    known_versions, normalize_prefix)
+    bracketed, known_versions, normalize_prefix, parse_http_address)
 
 _log = logging.getLogger(__name__)
 
@@ -41,18 +41,9 @@ MAX_BACKOFF = 5.0  # seconds between two reconnection attempts of a watch, at mo
 
 def _parse_address(address: str) -> Tuple[str, str, int]:
     """``host:port`` (or ``http://host:port``) -> (scheme, host, port)."""
-    text = address.strip()
-    if "://" not in text:
-        text = "http://" + text
-    parts = urllib.parse.urlsplit(text)
-    try:
-        port = parts.port or DEFAULT_PORT
-    except ValueError as e:
-        raise DatastoreError(f"bad consul address {address!r}: {e}") from None
-    if not parts.hostname or parts.scheme not in ("http", "https"):
-        raise DatastoreError(f"bad consul address {address!r}: want host:port")
-    host = parts.hostname
-    return parts.scheme, (f"[{host}]" if ":" in host else host), port
+    scheme, host, port = parse_http_address(address, "consul address", DEFAULT_PORT,
+                                            "host:port")
+    return scheme, bracketed(host), port
 
 
 def _ckey(key: str) -> str:

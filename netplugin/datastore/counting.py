@@ -1,15 +1,19 @@
-"""A wrapper that counts reads, writes and deletes per call (tests, metrics)."""
+"""A wrapper that counts reads, writes and deletes per call (the per-call
+cost in the log and the tests) and feeds the datastore metrics."""
 from __future__ import annotations
 
 import threading
 from collections import Counter
 from typing import Callable, List, Optional
 
-from netplugin.datastore.base import Datastore, Event, Item, Watch
+from netplugin import metrics
+from netplugin.datastore.base import (
+    CompareFailed, Datastore, Event, Item, KeyExists, KeyNotFound, Watch)
 
 READS = ("get", "list_prefix")
 WRITES = ("put", "create", "compare_and_swap")
 DELETES = ("delete", "delete_prefix")
+KIND_NAMES = {"R": "read", "W": "write", "D": "delete"}
 
 
 class CountingDatastore(Datastore):
@@ -36,11 +40,28 @@ class CountingDatastore(Datastore):
         st.ops.clear()
         st.log.clear()
 
-    def _count(self, op: str, key: str) -> None:
+    def _count(self, op: str, key: str) -> str:
         kind = "R" if op in READS else "W" if op in WRITES else "D"
         st = self._state()
         st.ops[kind] += 1
         st.log.append((kind, op, key))
+        return kind
+
+    def _call(self, op: str, key: str, fn: Callable, *args):
+        kind = KIND_NAMES[self._count(op, key)]
+        try:
+            result = fn(*args)
+        except KeyNotFound:
+            metrics.observe_datastore(kind, op, "not_found")
+            raise
+        except (KeyExists, CompareFailed):
+            metrics.observe_datastore(kind, op, "conflict")
+            raise
+        except BaseException:
+            metrics.observe_datastore(kind, op, "error")
+            raise
+        metrics.observe_datastore(kind, op, "ok")
+        return result
 
     @property
     def log(self) -> List[tuple]:
@@ -57,32 +78,25 @@ class CountingDatastore(Datastore):
         return f"{c['R']}R {c['W']}W {c['D']}D"
 
     def get(self, key: str) -> Item:
-        self._count("get", key)
-        return self.inner.get(key)
+        return self._call("get", key, self.inner.get, key)
 
     def put(self, key: str, value: str) -> Item:
-        self._count("put", key)
-        return self.inner.put(key, value)
+        return self._call("put", key, self.inner.put, key, value)
 
     def create(self, key: str, value: str) -> Item:
-        self._count("create", key)
-        return self.inner.create(key, value)
+        return self._call("create", key, self.inner.create, key, value)
 
     def compare_and_swap(self, key: str, value: str, version: int) -> Item:
-        self._count("compare_and_swap", key)
-        return self.inner.compare_and_swap(key, value, version)
+        return self._call("compare_and_swap", key, self.inner.compare_and_swap, key, value, version)
 
     def delete(self, key: str, version: Optional[int] = None) -> None:
-        self._count("delete", key)
-        return self.inner.delete(key, version)
+        return self._call("delete", key, self.inner.delete, key, version)
 
     def delete_prefix(self, prefix: str) -> int:
-        self._count("delete_prefix", prefix)
-        return self.inner.delete_prefix(prefix)
+        return self._call("delete_prefix", prefix, self.inner.delete_prefix, prefix)
 
     def list_prefix(self, prefix: str) -> List[Item]:
-        self._count("list_prefix", prefix)
-        return self.inner.list_prefix(prefix)
+        return self._call("list_prefix", prefix, self.inner.list_prefix, prefix)
 
     def watch_prefix(self, prefix: str, callback: Callable[[Event], None],
                      since: Optional[int] = None) -> Watch:

@@ -1,4 +1,5 @@
 """The embedded datastore: one sqlite3 file, no server.
+Owns the sqlite schema, its change log for watches and its locking.
 
 Safe for several processes (gunicorn workers) and threads at once: the file is
 in WAL mode, every connection has a busy timeout, each thread has its own
@@ -29,6 +30,7 @@ CHANGE_LOG_ROWS = 10000   # keep about this many rows of change log
 PRUNE_EVERY = 100         # revisions between two prunes
 POLL_INTERVAL = 0.1       # seconds between two polls of a watch
 MIN_BUSY_TIMEOUT = 5.0    # seconds a writer waits for the file lock, at least
+CACHE_KIB = 256           # page cache per connection (sqlite3 default: 2000 KiB)
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS kv ("
@@ -96,6 +98,7 @@ class EmbeddedDatastore(Datastore):
             if str(mode).lower() != "wal":
                 _log.warning("%s: sqlite journal mode is %s, not wal", self.path, mode)
             conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         except BaseException:
             conn.close()
             raise

@@ -37,6 +37,7 @@ backend = "nuage"
 scope = "local"
 socket = "/run/docker/plugins/{name}.sock"
 log_level = "info"
+state_dir = "{state_dir}"
 
 [datastore]
 type = "embedded"
@@ -59,7 +60,7 @@ def nuage_config(host, vrs_endpoint, name="nuage", vrs_port=VRS_TCP_PORT,
     return CONFIG.format(name=name, state=state or os.path.join(host.dir, f"{name}-state.db"),
                          vrs_endpoint=vrs_endpoint, vrs_port=vrs_port,
                          docker=host.docker_host, resolve_timeout=resolve_timeout,
-                         hostname=host.name)
+                         hostname=host.name, state_dir=os.path.join(host.dir, "run"))
 
 
 @pytest.fixture(scope="module")

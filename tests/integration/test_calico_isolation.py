@@ -23,8 +23,17 @@ OPEN_WITHIN = 10.0    # seconds a profile edit may take to reach the data path
                       # (a correctness bound, not a speed target: it includes docker exec)
 PORT = 8080
 
-def rules_key(nid):
-    return f"/calico/v1/policy/profile/{nid}/rules"
+def rules_key(profile):
+    return f"/calico/v1/policy/profile/{profile}/rules"
+
+
+def profiles_of(host, url, network):
+    """The profile_ids of every endpoint record of ``network``'s containers on
+    ``host`` (the profile is the Docker network's name, not its ID)."""
+    nid = network_id(host, network)
+    eps = [json.loads(v) for k, v in etcd_items(
+        host, url, f"/calico/v1/host/{host.name}/workload/").items()]
+    return [e["profile_ids"] for e in eps if e.get("network_id") == nid]
 
 
 def wait_for(fn, timeout, interval=0.1):
@@ -131,11 +140,17 @@ def env(host, plugin, etcd_url):
         for name, net in names.items():
             d("run", "-d", "--net", net, "--name", name, "busybox", "sleep", "1d")
             listen(host, name)
+        # The Calico profile (and tag) of a network is its Docker name.
         env = {"ip": {n: net_info(host, n, net)["IPAddress"] for n, net in names.items()},
-               "nid": {net: network_id(host, net) for net in ("net1", "net2")},
+               "profile": {net: net for net in ("net1", "net2")},
                "host": host, "url": etcd_url}
-        env["default_rules"] = {nid: store(host, etcd_url, "get", rules_key(nid)).strip()
-                                for nid in env["nid"].values()}
+        assert profiles_of(host, etcd_url, "net1") == [["net1"], ["net1"]]
+        assert profiles_of(host, etcd_url, "net2") == [["net2"]]
+        env["default_rules"] = {p: store(host, etcd_url, "get", rules_key(p)).strip()
+                                for p in env["profile"].values()}
+        for net in ("net1", "net2"):     # nothing is named after the per-host ID
+            assert not etcd_items(host, etcd_url, "/calico/v1/policy/profile/"
+                                  + network_id(host, net))
         yield env
     finally:
         d("rm", "-f", *names, "x1", "x2", "y1", "tmpc", check=False)
@@ -159,13 +174,13 @@ def test_other_network_unreachable_both_ways(env):
                                                  ("b1", "net2")) for d in ("from", "to")}
     assert endpoint_chains(h) == want
     s = sets(h)
-    assert sorted(s[f"t4-{env['nid']['net1']}"]) == sorted([ip["a1"], ip["a2"]])
-    assert s[f"t4-{env['nid']['net2']}"] == [ip["b1"]]
+    assert sorted(s[f"t4-{env['profile']['net1']}"]) == sorted([ip["a1"], ip["a2"]])
+    assert s[f"t4-{env['profile']['net2']}"] == [ip["b1"]]
 
 
 def test_profile_edit_opens_and_closes_a_path(env):
     h, ip, url = env["host"], env["ip"], env["url"]
-    net1, net2 = env["nid"]["net1"], env["nid"]["net2"]
+    net1, net2 = env["profile"]["net1"], env["profile"]["net2"]
     default = json.loads(env["default_rules"][net2])
     opened = dict(default, inbound_rules=default["inbound_rules"]
                   + [{"action": "allow", "src_tag": net1}])
@@ -190,7 +205,7 @@ def test_deny_rule_first_match_wins(env):
     """A deny for TCP in front of net1's default allow: ping still works
     inside net1, TCP does not; removing it restores TCP."""
     h, ip, url = env["host"], env["ip"], env["url"]
-    net1 = env["nid"]["net1"]
+    net1 = env["profile"]["net1"]
     default = json.loads(env["default_rules"][net1])
     denied = dict(default, inbound_rules=[{"action": "deny", "protocol": "tcp",
                                            "dst_ports": [PORT]}] + default["inbound_rules"])
@@ -225,18 +240,18 @@ def test_chains_follow_containers(env):
     h.docker("run", "-d", "--net", "net2", "--name", "tmpc", "busybox", "sleep", "1d")
     name = veth(h, "tmpc", "net2")
     assert {f"from-{name}", f"to-{name}"} <= endpoint_chains(h)
-    assert net_info(h, "tmpc", "net2")["IPAddress"] in sets(h)[f"t4-{env['nid']['net2']}"]
+    assert net_info(h, "tmpc", "net2")["IPAddress"] in sets(h)[f"t4-{env['profile']['net2']}"]
     assert ping(h, "tmpc", env["ip"]["b1"])
     h.docker("rm", "-f", "tmpc")
     assert wait_for(lambda: endpoint_chains(h) == before, 5) is not None
-    assert len(sets(h)[f"t4-{env['nid']['net2']}"]) == 1
+    assert len(sets(h)[f"t4-{env['profile']['net2']}"]) == 1
 
 
 def test_plugin_restart_keeps_isolation_and_reconciles(env, plugin):
     """Stopped plugin: the table stays (isolation holds, same-network traffic
     flows).  A profile edited meanwhile is applied when the plugin starts."""
     h, ip, url = env["host"], env["ip"], env["url"]
-    net1, net2 = env["nid"]["net1"], env["nid"]["net2"]
+    net1, net2 = env["profile"]["net1"], env["profile"]["net2"]
     assert plugin.stop(signal.SIGTERM) == 0, plugin.log()[-3000:]
     restarted = False
     try:
@@ -274,9 +289,10 @@ def v6env(env):
     v6 = {n: i["GlobalIPv6Address"] for n, i in info.items()}
     v4 = {n: i["IPAddress"] for n, i in info.items()}
     assert all(v6.values()), info
-    nid = {net: network_id(h, net) for net in ("net6a", "net6b")}
-    return {"v6": v6, "v4": v4, "nid": nid,
-            "default_b": store(h, env["url"], "get", rules_key(nid["net6b"])).strip()}
+    assert profiles_of(h, env["url"], "net6a") == [["net6a"], ["net6a"]]
+    profile = {net: net for net in ("net6a", "net6b")}    # profile = network name
+    return {"v6": v6, "v4": v4, "profile": profile,
+            "default_b": store(h, env["url"], "get", rules_key(profile["net6b"])).strip()}
 
 
 def test_ipv6_isolation_and_profile_edit(env, v6env):
@@ -292,7 +308,7 @@ def test_ipv6_isolation_and_profile_edit(env, v6env):
     assert ping(h, "x1", v4["x2"])
     # open net6a -> net6b: routed IPv6 (no neighbour discovery between the
     # containers) now passes, the other direction not
-    net6a, net6b = v6env["nid"]["net6a"], v6env["nid"]["net6b"]
+    net6a, net6b = v6env["profile"]["net6a"], v6env["profile"]["net6b"]
     default = json.loads(v6env["default_b"])
     opened = dict(default, inbound_rules=default["inbound_rules"]
                   + [{"action": "allow", "src_tag": net6a}])

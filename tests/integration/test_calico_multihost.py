@@ -17,7 +17,8 @@ import pytest
 
 from tests.plugin_proc import LAUNCHER, PluginProcess, container_ip, etcd_config, store
 
-pytestmark = pytest.mark.integration
+# --cluster-store is gone since Docker 23
+pytestmark = [pytest.mark.integration, pytest.mark.docker_versions("20.10")]
 
 STORE = "10.99.0.2:2379"
 DOCKERD_ARGS = (f"--cluster-store=etcd://{STORE}", "--cluster-advertise=eth0:2376")
@@ -114,8 +115,9 @@ def _demo(fabric, etcd_url, calico_ipam, subnets=()):
             affinities = etcd_items(a, etcd_url, "/calico/ipam/v2/host")
             assert any("/ma/ipv4/block/" in k for k in affinities), affinities
             assert any("/mb/ipv4/block/" in k for k in affinities), affinities
+        # (hosts of other test modules sharing this etcd may have published too)
         birds = {k: v for k, v in etcd_items(a, etcd_url, "/calico/v1/host").items()
-                 if k.endswith("/bird_ip")}
+                 if k.endswith("/bird_ip") and k.split("/")[4] in ("ma", "mb")}
         assert birds == {"/calico/v1/host/ma/bird_ip": a.addr,
                          "/calico/v1/host/mb/bird_ip": b.addr}
         assert wait_for(lambda: f"via {b.addr}" in our_routes(a)
@@ -129,7 +131,7 @@ def _demo(fabric, etcd_url, calico_ipam, subnets=()):
         # and the routes towards B; endpoint show lists all five workloads.
         st = json.loads(ctl(a, cfg, "--json", "status").stdout)
         assert st["ok"] is True, st
-        assert {(h["host"], h["ip"]) for h in st["hosts"]} == {("ma", a.addr), ("mb", b.addr)}
+        assert {(h["host"], h["ip"]) for h in st["hosts"]} >= {("ma", a.addr), ("mb", b.addr)}
         assert st["cross_host_routes"] and all(
             r["via"] == b.addr for r in st["cross_host_routes"]), st["cross_host_routes"]
         eps = json.loads(ctl(a, cfg, "--json", "endpoint", "show").stdout)

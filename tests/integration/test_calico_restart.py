@@ -369,6 +369,8 @@ def test_leaks_of_a_dockerd_restart_are_audited_at_plugin_start(host, plugin, ne
         # plus a stray veth pair of ours, as left by a Join cut short
         host.run("ip", "link", "add", "cali0badc0ffee0", "type", "veth",
                  "peer", "name", "tmp0badc0ffee0")
+        host.run("ip", "link", "set", "cali0badc0ffee0", "alias",
+                 "netplugin:calico:0badc0ffee0" + "0" * 53)     # Join's marker
 
         summary = plugin.start()
 
@@ -412,9 +414,10 @@ def test_cli_audit_on_planted_leaks(host, plugin, networks, etcd_url):
         veth = "cali" + eid[:11]
         store(host, etcd_url, "put", EP_DIR.format(host=host.name) + eid, json.dumps(
             {"state": "active", "name": veth, "mac": "ee:ee:ee:ee:ee:ee",
-             "profile_ids": [cnet], "labels": {}, "ipv4_nets": [leaked_ip + "/32"],
-             "ipv6_nets": []}))
+             "profile_ids": ["cnet"], "labels": {}, "ipv4_nets": [leaked_ip + "/32"],
+             "ipv6_nets": [], "network_id": cnet}))
         host.run("ip", "link", "add", veth, "type", "veth", "peer", "name", "tmp" + eid[:11])
+        host.run("ip", "link", "set", veth, "alias", "netplugin:calico:" + eid)
         host.run("ip", "link", "set", veth, "up")
         host.run("ip", "route", "add", leaked_ip, "dev", veth)
 
@@ -437,7 +440,8 @@ def test_cli_audit_on_planted_leaks(host, plugin, networks, etcd_url):
         # Docker unreachable: nothing is touched
         store(host, etcd_url, "put", EP_DIR.format(host=host.name) + eid, json.dumps(
             {"state": "active", "name": veth, "mac": "ee:ee:ee:ee:ee:ee",
-             "profile_ids": [cnet], "ipv4_nets": [], "ipv6_nets": []}))
+             "profile_ids": ["cnet"], "ipv4_nets": [], "ipv6_nets": [],
+             "network_id": cnet}))
         host.stop_dockerd()
         try:
             out = plugin.cli_audit()

@@ -1,4 +1,4 @@
-"""Smoke tests of the test lab itself (tests/lab.py)."""
+"""Smoke tests of the test lab itself (tests/lab/)."""
 import json
 import os
 import signal
@@ -161,12 +161,12 @@ def test_dockerd_restart(lab, host_a):
     host_a.docker("run", "--rm", "--net", "none", "busybox", "true")
 
 
-def test_close_leaves_nothing():
+def test_close_leaves_nothing(docker_version):
     before = root_links()
     lab = Lab.create()
     try:
         assert lab.labid != ""
-        h = lab.add_host("x")
+        h = lab.add_host("x", docker_version=docker_version)
         lab.start_etcd()
         h.start_dockerd()
         h.docker("run", "-d", "--net", "none", "--name", "ctr", "busybox", "sleep", "600")
@@ -189,7 +189,7 @@ _KILLED_RUN = textwrap.dedent("""
     sys.path.insert(0, %(root)r)
     from tests.lab import Lab
     lab = Lab.create()
-    h = lab.add_host("k")
+    h = lab.add_host("k", docker_version=%(version)r)
     lab.start_etcd()
     h.start_dockerd()
     h.docker("run", "-d", "--net", "none", "busybox", "sleep", "600")
@@ -200,7 +200,8 @@ _KILLED_RUN = textwrap.dedent("""
 
 
 def test_sigkilled_run_is_swept(lab, host_a):
-    p = subprocess.Popen([sys.executable, "-c", _KILLED_RUN % {"root": ROOT}],
+    p = subprocess.Popen([sys.executable, "-c", _KILLED_RUN % {"root": ROOT,
+                                                              "version": host_a.docker_version}],
                          stdout=subprocess.PIPE, text=True)
     try:
         line = p.stdout.readline().split()

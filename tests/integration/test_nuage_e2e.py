@@ -3,6 +3,7 @@ Nuage tables), real ovs-vswitchd with the netdev bridge alubr0, the real
 plugin (./plugin, backend = "nuage"), and tests/fake_vrs.py standing in for
 Nuage's VRS agent.  Everything runs inside the lab host ``nu``."""
 import json
+import os
 import re
 import time
 
@@ -239,6 +240,7 @@ DockerEndpoint = "{h.docker_host}"
 LogLevel = "Info"
 Scope = "local"
 socket = "/run/docker/plugins/nuagetcp.sock"
+state_dir = "{h.dir}/run"
 [datastore]
 path = "{h.dir}/nuagetcp-state.db"
 [nuage]
@@ -391,7 +393,7 @@ def test_restart_keeps_networks_and_audit_removes_what_docker_forgot(
 
         def audited():
             return stale_port not in ovs_ports(lab_vrs) and stale_port not in links(h)
-        wait_for(audited, 10, "the start-up audit")
+        wait_for(audited, 20, "the start-up audit (two looks [nuage] audit_grace apart)")
         names = [p["name"] for p in lab_vrs.select("Nuage_Port_Table")]
         assert names == [live]
         assert [v["vm_name"] for v in lab_vrs.select("Nuage_VM_Table")] == ["a1"]
@@ -430,6 +432,7 @@ def test_global_scope_networks_are_known_on_every_host(nuage_host, lab_vrs, fake
 scope = "global"
 backend = "nuage"
 socket = "/run/docker/plugins/{name}.sock"
+state_dir = "{state_dir}"
 [datastore]
 type = "etcd"
 endpoints = ["{etcd}"]
@@ -444,7 +447,9 @@ resolve_timeout = 4.0
     for name, hostname in (("nuageg1", "nu"), ("nuageg2", "nu2")):
         procs.append(PluginProcess(h, config.format(name=name, etcd=etcd_url,
                                                     sock=lab_vrs.sock, docker=h.docker_host,
-                                                    hostname=hostname), name=name).start())
+                                                    hostname=hostname,
+                                                    state_dir=os.path.join(h.dir, "run")),
+                                      name=name).start())
     g1, g2 = procs
     nid, eid = "6e" * 32, "e6" * 32
     try:

@@ -5,15 +5,16 @@ import pytest
 
 from netplugin import protocol as p
 from netplugin.app import create_app
-from netplugin.backend import Backend
+from netplugin.backend import Backend, IpamDriver, NetworkDriver
 from netplugin.errors import NotFound
 
 NID = "n" * 64
 EID = "e" * 64
 
 
-class RecordingBackend(Backend):
-    """A backend of our own interface that records calls (no Docker, no store)."""
+class RecordingBackend(Backend, NetworkDriver, IpamDriver):
+    """A backend of our own interface that records calls (no Docker, no store);
+    its IpamDriver role is offered only with ``ipam``."""
     name = "recording"
 
     def __init__(self, ipam=False):
@@ -58,7 +59,7 @@ def post(client, path, body=None, raw=None):
 def test_activate_and_capabilities(client):
     assert post(client, "/Plugin.Activate") == (200, {"Implements": ["NetworkDriver"]})
     assert post(client, "/NetworkDriver.GetCapabilities") == (
-        200, {"Scope": "local", "ConnectivityScope": "local"})
+        200, {"Scope": "local", "ConnectivityScope": "local", "GwAllocChecker": True})
     ipam = create_app(RecordingBackend(ipam=True), "global").test_client()
     assert post(ipam, "/Plugin.Activate")[1]["Implements"] == ["NetworkDriver", "IpamDriver"]
     assert post(ipam, "/IpamDriver.GetDefaultAddressSpaces") == (
@@ -115,3 +116,39 @@ def test_unknown_call_and_wrong_method(client):
     assert status == 404 and "unknown plugin call" in body["Err"]
     r = client.get("/NetworkDriver.Join")
     assert r.status_code == 405 and "POST" in json.loads(r.data)["Err"]
+
+
+# -- request size limit ------------------------------------------------------------
+
+
+def test_body_over_one_mib_is_413_json_unread(client, caplog):
+    big = json.dumps({"NetworkID": NID, "Options": {"x": "a" * (1024 * 1024)}})
+    for path in ("/NetworkDriver.CreateNetwork", "/Plugin.Activate", "/nowhere"):
+        r = client.post(path, data=big)
+        assert r.status_code == 413
+        body = json.loads(r.data)
+        assert "1 MiB" in body["Err"] and body["Error"] == body["Err"]
+    assert client.backend.calls == []
+    assert "Traceback" not in caplog.text
+    refusals = [rec for rec in caplog.records if "refused" in rec.getMessage()]
+    assert refusals and all(rec.levelname == "WARNING" and not rec.exc_info
+                            for rec in refusals)
+
+
+def test_chunked_body_over_one_mib_is_413_json(client, caplog):
+    import io
+    raw = b'{"NetworkID": "' + b"n" * 64 + b'", "x": "' + b"a" * (2 << 20) + b'"}'
+    # no Content-Length: the stream itself is capped
+    r = client.post("/NetworkDriver.CreateNetwork", input_stream=io.BytesIO(raw),
+                    headers={"Transfer-Encoding": "chunked"},
+                    environ_overrides={"wsgi.input_terminated": True})
+    assert r.status_code == 413
+    assert "limit" in json.loads(r.data)["Err"]
+    assert client.backend.calls == []
+    assert "Traceback" not in caplog.text
+
+
+def test_body_just_under_the_limit_is_read(client):
+    body = json.dumps({"NetworkID": NID, "Options": {"x": "a" * 1000}})
+    status, _ = post(client, "/NetworkDriver.CreateNetwork", raw=body)
+    assert status in (200, 500)

@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-import backends.calico  # noqa: F401  (registers "calico")
+import backends.calico.driver  # noqa: F401  (registers "calico")
 from backends.calico import audit as audit_mod
-from backends.calico import keys
-from backends.calico.audit import (Auditor, Device, DockerUnavailable, DockerView,
+from backends.calico import model as keys
+from backends.calico.audit import (Device, DockerUnavailable, DockerView, auditor_for,
                                    fetch_docker_view, parse_docker_view)
 from netplugin import cli
 from netplugin import protocol as p
@@ -103,10 +103,11 @@ class Env:
             self.add_device(eid)
         return str(ipaddress.ip_interface(address).ip)
 
-    def add_device(self, eid, with_temp=False):
+    def add_device(self, eid, with_temp=False, marked=True):
         n = len(self.devices)
         self.devices.append(Device(cali(eid), "veth", 100 + n, 200 + n,
-                                   peer_elsewhere=not with_temp))
+                                   peer_elsewhere=not with_temp,
+                                   alias=keys.veth_marker(eid) if marked else None))
         if with_temp:
             self.devices.append(Device(tmp(eid), "veth", 200 + n, 100 + n))
 
@@ -151,7 +152,7 @@ class Env:
         return True
 
     def audit(self, dry_run=False, grace=0.0, **kw):
-        return Auditor(self.backend, docker_view=self.docker_view, devices=self.list_devices,
+        return auditor_for(self.backend, docker_view=self.docker_view, devices=self.list_devices,
                        delete_device=self.delete_device, grace=grace, **kw).run(dry_run)
 
 
@@ -255,7 +256,7 @@ def test_docker_unreachable_at_second_look_changes_nothing(env):
 
 def test_real_docker_client_on_a_dead_socket_is_unreachable(env):
     env.container(NID_C, EID2)
-    summary = Auditor(env.backend, devices=env.list_devices,
+    summary = auditor_for(env.backend, devices=env.list_devices,
                       delete_device=env.delete_device, grace=0).run()
     assert summary["docker"].startswith("unreachable: ")
     assert "no-docker.sock" in summary["docker"]
@@ -404,7 +405,12 @@ def test_docker_ipam_address_in_another_hosts_block_is_not_released(env):
     host's Calico block: not ours to release."""
     from backends.calico.ipam import CalicoIpam
     other = str(CalicoIpam(env.inner).auto_assign_one(4, "host-b"))
-    env.create_endpoint(NID_D, EID3, other + "/24")
+    # CreateEndpoint refuses an address outside the subnet now: plant the
+    # record an older plugin could have written.
+    env.create_endpoint(NID_D, EID3, "192.168.50.9/24")
+    key = f"/calico/v1/host/host-a/workload/libnetwork/libnetwork/endpoint/{EID3}"
+    value = json.loads(env.inner.get(key).value)
+    env.inner.put(key, json.dumps(dict(value, ipv4_nets=[other + "/32"])))
     env.views = [env.view()]
     summary = env.audit()
     assert summary["endpoints_removed"] == [EID3]
@@ -516,7 +522,8 @@ class _DockerStub(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
 def docker_stub(path, routes):
     """A Docker API on a unix socket: ``routes`` maps GET paths (without the
-    /v1.41 prefix and query) to (status, JSON-able body or raw bytes)."""
+    /v1.41 prefix and query) to (status, JSON-able body or raw bytes); it
+    answers ``/version`` (API 1.41) for the client's version negotiation."""
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -524,7 +531,9 @@ def docker_stub(path, routes):
             route = self.path.split("?")[0]
             if route.startswith("/v1.41"):
                 route = route[len("/v1.41"):]
-            status, body = routes.get(route, (404, {"message": "not found"}))
+            default = ((200, {"ApiVersion": "1.41", "Version": "20.10.0"})
+                       if route == "/version" else (404, {"message": "not found"}))
+            status, body = routes.get(route, default)
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -600,49 +609,165 @@ def test_backend_audit_and_cli(env, tmp_path, capsys, monkeypatch):
     assert out["docker"].startswith("unreachable") and out["dry_run"] is True
 
 
-def test_run_agent_audits_first_and_survives_audit_failure(env, monkeypatch):
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_host_agent_starts_the_audit_loop_and_survives_its_failure(env, monkeypatch):
     import backends.calico.agent as agent_mod
     order = []
 
     class FakeAgent:
-        def __init__(self, datastore, hostname):
+        watch_prefixes = ()
+
+        def fail_closed_start(self):
+            pass
+
+        def __init__(self, datastore, hostname, **options):
             order.append("agent")
 
-        def run(self, stop):
+        def run(self, stop, watched=False):
             order.append("run")
 
-    def broken_run(self, dry_run=False):
+    def broken_run(self, stop):
         order.append("audit")
         raise RuntimeError("datastore on fire")
 
     monkeypatch.setattr(agent_mod, "PolicyAgent", FakeAgent)
-    monkeypatch.setattr(Auditor, "run", broken_run)
-    env.backend.run_agent(threading.Event())
-    assert order == ["audit", "agent", "run"]
+    monkeypatch.setattr(audit_mod.AuditLoop, "run", broken_run)
+    env.backend.host_agent().run(threading.Event())
+    assert sorted(order) == ["agent", "audit", "run"]
 
 
-def test_startup_audit_removes_leaks(env, monkeypatch):
+def test_host_agent_audit_loop_removes_leaks_and_stops_with_the_agent(env, monkeypatch):
     import backends.calico.agent as agent_mod
     env.container(NID_C, EID2)
+    stop = threading.Event()
 
     class FakeAgent:
-        def __init__(self, *a):
+        watch_prefixes = ()
+
+        def fail_closed_start(self):
             pass
 
-        def run(self, stop):
+        def __init__(self, *a, **options):
             pass
+
+        def run(self, stop_, watched=False):
+            for _ in range(300):
+                if not env.endpoint_ids():
+                    break
+                stop_.wait(0.05)
+            stop_.set()
 
     monkeypatch.setattr(agent_mod, "PolicyAgent", FakeAgent)
     monkeypatch.setattr(audit_mod, "fetch_docker_view", lambda *a: env.view())
     monkeypatch.setattr(audit_mod, "list_devices", env.list_devices)
     monkeypatch.setattr(audit_mod, "delete_device", env.delete_device)
-    monkeypatch.setenv(audit_mod.GRACE_ENV, "0")
-    env.backend.run_agent(threading.Event())
-    # The audit runs beside the policy agent (which must not wait for it).
-    for t in threading.enumerate():
-        if t.name == "startup-audit":
-            t.join(30)
+    monkeypatch.setenv(audit_mod.GRACE_ENV, "0.1")
+    env.backend.host_agent().run(stop)
+    assert not [t for t in threading.enumerate() if t.name == "audit-loop"]
     assert env.endpoint_ids() == [] and env.allocated() == set() and env.devices == []
+
+
+# the loop (AuditLoop on netplugin.reconcile.Reconciler) -----------------------
+
+
+def loop_of(env, grace=0.2, interval=30.0):
+    return audit_mod.AuditLoop(env.backend, interval=interval, grace=grace,
+                               docker_view=env.docker_view, devices=env.list_devices,
+                               delete_device=env.delete_device)
+
+
+def run_cycle(loop, max_steps=10):
+    """Step the loop (sleeping what it asks, when short) until a cycle completes."""
+    before = loop.cycles
+    for _ in range(max_steps):
+        delay = loop.reconciler.step()
+        if loop.cycles > before:
+            return loop.last_summary
+        time.sleep(min(delay, 0.5))
+    raise AssertionError("no audit cycle completed")
+
+
+def test_loop_confirms_a_leak_at_a_later_look_then_removes_it(env):
+    ip1 = env.container(NID_C, EID1)
+    env.container(NID_C, EID2)
+    env.views = [env.view(endpoints=[EID1], addresses=[ip1])]
+    loop = loop_of(env, grace=0.3)
+    assert loop.reconciler.step() == pytest.approx(0.3, abs=0.05)   # first look
+    assert env.endpoint_ids() == sorted([EID1, EID2])               # nothing yet
+    assert loop.reconciler.step() < 0.3                               # not due yet
+    time.sleep(0.3)
+    summary = run_cycle(loop)
+    assert summary["endpoints_removed"] == [EID2]
+    assert summary["devices_removed"] == [cali(EID2)]
+    assert len(summary["addresses_released"]) == 1
+    assert env.endpoint_ids() == [EID1] and env.allocated() == {ip1}
+    # later runs: nothing leaked, one look per interval
+    assert loop.reconciler.step() == 30.0
+    assert removed(loop.last_summary) == ([], [], [])
+
+
+def test_loop_waits_for_docker_with_backoff_and_runs_when_it_is_back(env):
+    env.container(NID_C, EID2)
+    down = DockerUnavailable("connection refused")
+    env.views = [down, down, down, env.view()]
+    loop = loop_of(env, grace=0.0)
+    assert [loop.reconciler.step() for _ in range(3)] == [1.0, 2.0, 4.0]
+    assert env.endpoint_ids() == [EID2]                # nothing while Docker is down
+    summary = run_cycle(loop)
+    assert summary["endpoints_removed"] == [EID2] and loop.reconciler.failures == 0
+
+
+def test_loop_removes_nothing_that_one_look_saw_in_use(env):
+    """A momentarily empty (or partial) answer of Docker is not enough: an
+    endpoint Docker knows at either look is kept."""
+    ip1 = env.container(NID_C, EID1)
+    env.views = [env.view(), env.view(endpoints=[EID1], addresses=[ip1]), env.view()]
+    loop = loop_of(env, grace=0.0)
+    summary = run_cycle(loop)
+    assert removed(summary) == ([], [], [])
+    assert env.endpoint_ids() == [EID1] and env.allocated() == {ip1}
+
+
+def test_loop_keeps_what_changed_between_the_looks(env):
+    """Version check: a record rewritten, or a block that changed, between the
+    first look and the removal is kept for the next cycle."""
+    ip2 = env.container(NID_C, EID2)
+    env.views = [env.view()]
+    loop = loop_of(env, grace=0.0)
+    loop.reconciler.step()                               # first look
+    key = keys.endpoint(HOST, EID2)
+    env.inner.put(key, env.inner.get(key).value)         # same value, new version
+    env.request_address()                                # the block changes too
+    summary = run_cycle(loop)
+    assert summary["endpoints_removed"] == []
+    assert ip2 not in summary["addresses_released"]
+    assert EID2 in env.endpoint_ids()
+    # unchanged since: the next cycle removes it
+    summary = run_cycle(loop)
+    assert summary["endpoints_removed"] == [EID2]
+
+
+def test_loop_sweeps_a_removed_host_and_forgets_its_own_removal(env):
+    from backends.calico import hosts
+    from backends.calico import ipam as ci
+    ipam = ci.CalicoIpam(env.store)
+    ghost_ip = ipam.auto_assign_one(4, "ghost")
+    block = ci.block_cidr_for(ghost_ip)
+    env.inner.put("/calico/v1/host/ghost/bird_ip", "192.0.2.9")
+    hosts.mark_removed(env.store, "ghost")
+    hosts.mark_removed(env.store, HOST)                  # this host was removed, is back
+    env.views = [env.view()]
+    loop = loop_of(env, grace=0.0)
+    stop = threading.Event()
+    stop.set()
+    loop.run(stop)                                       # start-up part only
+    assert HOST not in hosts.removed_hosts(env.store)
+    summary = run_cycle(loop)
+    swept = summary["hosts_swept"]["ghost"]
+    assert swept["addresses_released"] == [str(ghost_ip)]
+    assert swept["blocks_deleted"] == [str(block)]
+    assert ipam.affine_blocks("ghost", 4) == []
+    assert not env.inner.list_prefix("/calico/v1/host/ghost/")
 
 
 # --------------------------------------------------------------------------
@@ -656,7 +781,7 @@ netns = pytest.mark.skipif(netns_unavailable_reason() is not None,
 def test_real_devices_and_routes_in_a_netns(tmp_path):
     out = run_in_netns(f"""
 import subprocess
-from backends.calico.audit import Auditor, DockerView, list_devices
+from backends.calico.audit import DockerView, auditor_for, list_devices
 from netplugin import protocol as p
 import tests.unit.test_calico_audit as t
 
@@ -674,22 +799,65 @@ for eid in (t.EID1, t.EID2):
         "Options": {{}}}}))
     backend.join(p.JoinRequest.parse({{"NetworkID": t.NID_D, "EndpointID": eid,
         "SandboxKey": "/var/run/docker/netns/" + eid[:12], "Options": {{}}}}))
-# a veth of someone else, and a stray pair of ours without any record
+# a veth of someone else, a stray pair of ours (marked) without any record,
+# and a Calico CNI veth (cali + 11 hex, no marker) without any record
 ip("link", "add", "calimine", "type", "veth", "peer", "name", "tmpmine")
 ip("link", "add", t.cali(t.EID3), "type", "veth", "peer", "name", t.tmp(t.EID3))
+ip("link", "set", t.cali(t.EID3), "alias", "netplugin:calico:" + t.EID3)
+ip("link", "add", t.cali(t.EID4), "type", "veth", "peer", "name", t.tmp(t.EID4))
 before = sorted(d.name for d in list_devices())
 view = DockerView(frozenset([t.EID1]), frozenset([t.NID_D]), frozenset(), 1)
-summary = Auditor(backend, docker_view=lambda: view, grace=0).run()
+summary = auditor_for(backend, docker_view=lambda: view, grace=0).run()
 emit({{"before": before, "summary": summary, "after": sorted(links()),
        "routes": [r["dst"] for r in routes()]}})
 """)
     s = out["summary"]
     assert sorted([t for t in out["before"] if t.startswith(("cali", "tmp"))]) == sorted(
         [cali(EID1), tmp(EID1), cali(EID2), tmp(EID2), "calimine", "tmpmine",
-         cali(EID3), tmp(EID3)])
+         cali(EID3), tmp(EID3), cali(EID4), tmp(EID4)])
     assert s["endpoints_removed"] == [EID2]
     assert s["devices_removed"] == sorted([cali(EID2), tmp(EID2), cali(EID3), tmp(EID3)])
     assert s["addresses_released"] == []
     assert sorted(out["after"]) == sorted(
-        ["lo", cali(EID1), tmp(EID1), "calimine", "tmpmine"])
+        ["lo", cali(EID1), tmp(EID1), "calimine", "tmpmine", cali(EID4), tmp(EID4)])
+    assert any(cali(EID4) in line and "left alone" in line for line in s["skipped"])
     assert "192.168.50.2" in out["routes"] and "192.168.50.3" not in out["routes"]
+
+
+def test_unmarked_cali_veth_and_its_endpoint_record_are_left_alone(env):
+    """Calico CNI names its veths cali<11 hex> too: a veth without Join's
+    marker is never deleted, and an endpoint record whose veth exists
+    without the marker is kept (its veth is not gone)."""
+    env.container(NID_D, EID1, calico_ipam=False)
+    env.devices.clear()
+    env.add_device(EID1, marked=False)     # same name as the record's veth
+    env.add_device(EID2, marked=False)     # no record at all
+    env.views = [env.view()]
+    summary = env.audit()
+    assert removed(summary) == ([], [], [])
+    assert env.deleted == [] and env.endpoint_ids() == [EID1]
+    assert any("without netplugin's marker" in s for s in summary["skipped"])
+
+
+def test_loop_sweeps_a_removed_hosts_block_only_when_unchanged_between_looks(env):
+    from backends.calico import hosts
+    from backends.calico import ipam as ci
+    ipam = ci.CalicoIpam(env.store)
+    first_ip = ipam.auto_assign_one(4, "ghost")
+    hosts.mark_removed(env.store, "ghost")
+    env.views = [env.view()]
+    loop = loop_of(env, grace=0.0)
+    loop.reconciler.step()                               # first look
+    late_ip = ipam.auto_assign_one(4, "ghost")           # the dying host writes late
+    assert ci.block_cidr_for(late_ip) == ci.block_cidr_for(first_ip)
+    summary = run_cycle(loop)
+    swept = summary["hosts_swept"].get("ghost", {})
+    assert not swept.get("blocks_deleted") and not swept.get("addresses_released")
+    # the block changed since the first look: it keeps its addresses (the
+    # unchanged affinity key goes: no host routes the block to ghost any more)
+    assert ipam.read_block(ci.block_cidr_for(first_ip)).allocated() == sorted(
+        [first_ip, late_ip])
+    summary = run_cycle(loop)                            # unchanged since: swept
+    swept = summary["hosts_swept"]["ghost"]
+    assert sorted(swept["addresses_released"]) == sorted([str(first_ip), str(late_ip)])
+    assert ipam.affine_blocks("ghost", 4) == [] and env.allocated() == set()

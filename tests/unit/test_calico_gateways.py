@@ -53,6 +53,7 @@ def test_endpoint_carries_network_mtu_and_join_reads_once(tmp_path):
     backend.create_network(create_net(generic={"mtu": "1280"}))
     store.reset()
     backend.create_endpoint(create_ep())
-    assert store.counts == {"R": 1, "W": 1, "D": 0}
+    # 2R: network record, profile; the first endpoint stores the profile too
+    assert store.counts == {"R": 2, "W": 5, "D": 0}
     (item,) = store.inner.list_prefix("/calico/v1/host/")
     assert json.loads(item.value)["mtu"] == 1280

@@ -15,9 +15,9 @@ import traceback
 
 import pytest
 
-import backends.calico  # noqa: F401  (registers "calico")
+import backends.calico.driver  # noqa: F401  (registers "calico")
 from backends.calico import ipam as ci
-from backends.calico import keys
+from backends.calico import model as keys
 from backends.calico import ipam_driver as drv
 from backends.calico.driver import CalicoBackend
 from backends.calico.ipam import CalicoIpam
@@ -692,7 +692,7 @@ def test_request_address_auto(store, backend):
     ip = ipaddress.ip_interface(resp.address)
     assert resp.address.endswith("/32") and ip.ip in ipaddress.ip_network(POOL)
     _, counts = counted(store, backend.request_address, addr_req("CalicoPoolIPv4"))
-    assert counts == budget(2, 1, 0)
+    assert counts == budget(2, 2, 0)          # 1W of them: the request's handle key
     resp6 = backend.request_address(addr_req("CalicoPoolIPv6"))
     assert resp6.address.endswith("/128")
     assert ipaddress.ip_interface(resp6.address).ip in ipaddress.ip_network(POOL6)
@@ -731,7 +731,8 @@ def test_request_specific_address(store, backend):
     resp = backend.request_address(addr_req(pool_id, "192.168.7.9"))
     assert resp.to_json() == {"Address": "192.168.7.9/32", "Data": {}}
     data = block_json(store, "192.168.7.0/26")
-    assert data["attributes"] == [{"handle_id": None, "secondary": {}}]
+    [attr] = data["attributes"]
+    assert attr["secondary"] == {} and attr["handle_id"].startswith("netplugin.192.168.7.0-24.req-")
     with pytest.raises(ci.AddressInUse) as exc:
         backend.request_address(addr_req(pool_id, "192.168.7.9"))
     assert str(exc.value) == "address 192.168.7.9 is already in use"
@@ -759,13 +760,16 @@ def test_release_address(store, backend):
         assert counts == budget(0, 0, 0)
     _, counts = counted(store, backend.release_address,
                         p.ReleaseAddressRequest("CalicoPoolIPv4", str(ip)))
-    assert counts == budget(1, 1, 0)
+    assert counts == budget(2, 1, 1)          # the block; the handle read and deleted
     assert block_json(store, ci.block_cidr_for(ip))["allocations"] == [None] * 64
-    # not allocated (twice, or never): success, 1R
-    _, counts = counted(store, backend.release_address,
-                        p.ReleaseAddressRequest("CalicoPoolIPv4", str(ip)))
-    assert counts == budget(1, 0, 0)
-    backend.release_address(p.ReleaseAddressRequest("CalicoPoolIPv4", "172.16.9.9"))
+    assert not [k for k in dump(store) if "/handle/" in k]
+    # not allocated (twice, or never): an Err, nothing changes
+    before = dump(store)
+    with pytest.raises(drv.NotAllocated, match="is not allocated"):
+        backend.release_address(p.ReleaseAddressRequest("CalicoPoolIPv4", str(ip)))
+    with pytest.raises(drv.NotAllocated):
+        backend.release_address(p.ReleaseAddressRequest("CalicoPoolIPv4", "172.16.9.9"))
+    assert dump(store) == before
 
 
 def test_docker_call_sequence_through_the_app(store, backend):
@@ -813,7 +817,11 @@ def test_docker_call_sequence_through_the_app(store, backend):
     for a in (a4, a6):
         ip = a["Address"].split("/")[0]
         assert post("/IpamDriver.ReleaseAddress",
-                    {"PoolID": "x", "Address": ip})[0] == 200
+                    {"PoolID": "x", "Address": ip})[0] == 500        # no such PoolID
+    for a, pid in ((a4, nets[False]["PoolID"]), (a6, nets[True]["PoolID"])):
+        ip = a["Address"].split("/")[0]
+        assert post("/IpamDriver.ReleaseAddress",
+                    {"PoolID": pid, "Address": ip})[0] == 200
     for pid, gw in ((nets[False]["PoolID"], "0.0.0.0"), (nets[True]["PoolID"], "::")):
         assert post("/IpamDriver.ReleaseAddress", {"PoolID": pid, "Address": gw})[0] == 200
         assert post("/IpamDriver.ReleasePool", {"PoolID": pid})[0] == 200
@@ -846,7 +854,6 @@ def _contention_worker(url, host, count, threads, pool_id, out, go_release):
     try:
         from netplugin.config import config_from_text as cft
         from netplugin.datastore.etcd import EtcdDatastore as Etcd
-        import backends.calico  # noqa: F401
         from backends.calico.driver import CalicoBackend as Backend
         from netplugin import protocol as proto
 

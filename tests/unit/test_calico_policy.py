@@ -3,13 +3,15 @@
 network namespaces (syntax, atomic replace, idempotence, and a small routed
 data path with "containers" in nested namespaces)."""
 import json
+import os
+import socket
 import textwrap
 import threading
 import time
 
 import pytest
 
-from backends.calico import policy
+from backends.calico import agent as agent_mod, barrier, policy
 from backends.calico.agent import PolicyAgent, _Prefix
 from netplugin.datastore.base import Event, Item
 from netplugin.datastore.embedded import EmbeddedDatastore
@@ -790,3 +792,164 @@ def test_datapath_multi_network_container_uses_all_its_addresses():
     assert result == {"grouped": True, "B grouped apart": True,
                       "alone: M->B from net1 address": False, "alone: M->B": True,
                       "grouped: M->B from net1 address": True, "grouped: M->B": True}
+
+
+# --------------------------------------------------------------------------
+# Join's barrier: the agent enforces a new endpoint at once
+
+
+class SlowWatchStore:
+    """The embedded store whose watch never delivers: only the barrier's own
+    read can tell the agent about a new endpoint (a watch lagging under load)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def watch_prefix(self, prefix, callback, since=None):
+        from netplugin.datastore import Watch
+        return Watch()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_merge_groups_joins_interfaces_seen_together_in_any_view():
+    links = {"cali1": 7, "cali2": 7, "cali3": 9}
+    sandboxes = {"cali3": "sb-x", "cali4": "sb-x", "cali5": "sb-y"}
+    groups = agent_mod.merge_groups(links, sandboxes)
+    assert groups["cali1"] == groups["cali2"] != groups["cali3"]
+    assert groups["cali3"] == groups["cali4"]
+    assert "cali5" not in groups                       # alone: its own container
+    assert agent_mod.merge_groups({}, {}) == {}
+
+
+def test_barrier_applies_a_new_endpoint_without_the_watch(store, tmp_path):
+    profiles, hosts = world()
+    for k, v in {**profiles, **hosts}.items():
+        store.put(k, v)
+    rec = Recorder()
+    state = tmp_path / "state"
+    sandboxes = {}
+    agent, stop, t = start_agent(SlowWatchStore(store), rec, barrier_dir=str(state),
+                                 quiet=5.0, debounce=5.0, resync_interval=3600,
+                                 sandbox_groups=lambda: dict(sandboxes))
+    try:
+        a, b = "cali" + EID_A[:11], "cali" + EID_B[:11]
+        rec.wait_for(lambda rs: set(rs.endpoints) == {a, b})
+        # unknown to the agent until Join asks (the watch is silent, quiet is 5 s)
+        key, value = next(iter(ep_item("host-a", EID_C, [NET1], ["10.0.0.3/32"]).items()))
+        store.put(key, value)
+        c = "cali" + EID_C[:11]
+        sandboxes.update({a: "sb1", c: "sb1"})     # a and c: one container
+        t0 = time.monotonic()
+        assert barrier.wait_applied(str(state), key) == "ok"
+        assert time.monotonic() - t0 < 1.0
+        rs = rec.last()
+        assert c in rs.endpoints
+        # c's chain admits a's address too: one container
+        assert any("10.0.0.1" in line and "10.0.0.3" in line for line in rs.chains[f"from-{c}"])
+        # asked again with nothing new: answered from the applied table, no apply
+        count = len(rec.applied)
+        assert barrier.wait_applied(str(state), key) == "ok"
+        assert len(rec.applied) == count
+        # CreateEndpoint's notify: answered at once, applied without the quiet
+        key_r, value_r = next(iter(ep_item("host-a", EID_R, [NET1], ["10.0.0.4/32"]).items()))
+        store.put(key_r, value_r)
+        assert barrier.notify(str(state), key_r) == "queued"
+        rec.wait_for(lambda rs: "cali" + EID_R[:11] in rs.endpoints, timeout=2.0)
+        # a foreign host's key or garbage is refused, the agent keeps serving
+        assert barrier.wait_applied(str(state), ep_key("host-b", EID_C)) == "timeout"
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(barrier.socket_path(str(state)))
+            s.sendall(b"{not json\n")
+            assert s.recv(100).startswith(b"error")
+        assert oct(os.stat(barrier.socket_path(str(state))).st_mode & 0o777) == "0o600"
+    finally:
+        stop.set()
+        t.join(10)
+    assert not t.is_alive()
+
+
+def test_barrier_reads_the_profile_of_a_network_the_watch_missed(store, tmp_path):
+    """A watch still backing off after an outage has not delivered a new
+    network's profile: Join's barrier reads it with the endpoint, so the first
+    packet between two containers of that network finds its tag set."""
+    profiles, hosts = world()
+    for k, v in {**profiles, **hosts}.items():
+        store.put(k, v)
+    rec = Recorder()
+    state = tmp_path / "state"
+    agent, stop, t = start_agent(SlowWatchStore(store), rec, barrier_dir=str(state),
+                                 quiet=5.0, debounce=5.0, resync_interval=3600)
+    try:
+        rec.wait_for(lambda rs: len(rs.endpoints) == 2)
+        net3 = "5" * 64
+        for k, v in profile_items(net3).items():
+            store.put(k, v)
+        keys = []
+        for eid, addr in ((EID_C, "10.0.3.2/32"), (EID_R, "10.0.3.3/32")):
+            key, value = next(iter(ep_item("host-a", eid, [net3], [addr]).items()))
+            store.put(key, value)
+            keys.append(key)
+            assert barrier.wait_applied(str(state), key) == "ok"
+        rs = rec.last()
+        assert f"t4-{net3}" in rs.sets
+        c = "cali" + EID_C[:11]
+        assert any(f"@t4-{net3} accept" in line for line in rs.chains[f"to-{c}"])
+    finally:
+        stop.set()
+        t.join(10)
+    assert not t.is_alive()
+
+
+def test_join_without_an_agent_does_not_wait(tmp_path):
+    t0 = time.monotonic()
+    assert barrier.wait_applied(str(tmp_path), "/calico/v1/host/h/x") == "no agent"
+    assert time.monotonic() - t0 < 0.5
+
+
+def test_barrier_requests_reuse_a_bounded_set_of_threads(tmp_path):
+    """The handler reads the datastore, which may keep a connection per thread
+    (the embedded one does): requests must not each get a new thread."""
+    threads = set()
+
+    def handler(key, timeout):
+        threads.add(threading.get_ident())
+        return True
+
+    stop = threading.Event()
+    assert barrier.BarrierServer(str(tmp_path), handler).start(stop)
+    try:
+        for i in range(3 * barrier.WORKERS):
+            assert barrier.wait_applied(str(tmp_path), f"/calico/v1/host/h/{i}") == "ok"
+        assert 1 <= len(threads) <= barrier.WORKERS
+    finally:
+        stop.set()
+
+
+def test_a_slow_link_poll_never_puts_back_groups_a_barrier_replaced(store):
+    """The link poll computed its groups before Join recorded a container's
+    second interface; the barrier stored the newer groups meanwhile: the
+    poll's stale result is computed again, not stored."""
+    in_poll, release = threading.Event(), threading.Event()
+    sandboxes = {}
+    calls = []
+
+    def links():
+        calls.append(1)
+        if len(calls) == 1:
+            in_poll.set()
+            release.wait(5)
+        return {}
+
+    agent = PolicyAgent(store, "host-a", apply=Recorder(), link_groups=links,
+                        sandbox_groups=lambda: dict(sandboxes))
+    poll = threading.Thread(target=agent._refresh_groups)
+    poll.start()
+    assert in_poll.wait(5)
+    sandboxes.update({"cali1": "sb", "cali2": "sb"})       # Join of the 2nd interface
+    assert agent._refresh_groups(poll_links=False)          # the barrier's view
+    release.set()
+    poll.join(5)
+    assert agent._groups == {"cali1": "cali1", "cali2": "cali1"}
+    assert len(calls) == 2                                  # the poll looked again

@@ -72,7 +72,41 @@ def test_relevant_keys():
     assert routes.relevant_key(ep("x", "e")[0])
     assert routes.relevant_key(aff("x", "10.0.0.0/26")[0])
     assert not routes.relevant_key("/calico/v1/host/x/config/marker")
-    assert not routes.relevant_key("/calico/ipam/v2/host/x/ipv6/block/fd00::-122")
+    assert routes.relevant_key("/calico/ipam/v2/host/x/ipv6/block/fd00::-122")
+    assert routes.relevant_key("/calico/v1/host/x/bird6_ip")
+
+
+def bird6(h, ip):
+    return (f"/calico/v1/host/{h}/bird6_ip", ip)
+
+
+def aff6(h, cidr):
+    return (f"/calico/ipam/v2/host/{h}/ipv6/block/{cidr.replace('/', '-')}", "")
+
+
+def test_ipv6_blocks_and_endpoints_routed_via_bird6_ip():
+    hosts = [bird("a", "10.99.0.11"), bird6("a", "fd99::11"),
+             bird("b", "10.99.0.12"), bird6("b", "fd99::12"),
+             bird("c", "10.99.0.13"),                               # no IPv6 next hop
+             ep("b", "e1", "192.168.0.65/32", v6=["fd80::45/128"]),  # in b's blocks
+             ep("b", "e2", "10.10.0.5/32", v6=["fd00:77::5/128"]),   # Docker IPAM
+             ep("c", "e3", "10.10.0.6/32", v6=["fd00:77::6/128"])]
+    affs = [aff("b", "192.168.0.64/26"), aff6("a", "fd80::/122"), aff6("b", "fd80::40/122"),
+            aff6("c", "fd80::80/122")]
+    assert routes.desired_routes("a", hosts, affs, "10.99.0.11", "fd99::11") == {
+        "192.168.0.64/26": "10.99.0.12", "fd80::40/122": "fd99::12",
+        "10.10.0.5/32": "10.99.0.12", "fd00:77::5/128": "fd99::12",
+        "10.10.0.6/32": "10.99.0.13"}
+
+
+def test_only_host_routes_and_block_sized_prefixes_from_the_datastore():
+    hosts = [bird("b", "10.99.0.12"), bird6("b", "fe80::1"),        # link-local: refused
+             ep("b", "e1", "0.0.0.0/1"), ep("b", "e2", "10.10.0.0/24"),
+             ep("b", "e3", "10.10.0.7/32"), ep("b", "e4", v6=["fd00::/64"])]
+    affs = [aff("b", "0.0.0.0/1"), aff("b", "192.168.0.0/24"), aff("b", "192.168.1.0/26"),
+            aff6("b", "fd80::/64"), ("/calico/ipam/v2/host/b/ipv6/block/10.0.0.0-26", "")]
+    assert routes.desired_routes("a", hosts, affs) == {
+        "192.168.1.0/26": "10.99.0.12", "10.10.0.7/32": "10.99.0.12"}
 
 
 def test_config_ip_key():
@@ -114,9 +148,23 @@ s2 = ours()
 r3 = apply_routes({"192.168.5.0/26": "10.99.0.13"})
 r4 = apply_routes({})
 all_routes = {r["dst"]: r.get("gateway") for r in routes(None)}
+sh("ip -6 addr add fd99::11/64 dev eth0 nodad")
+from backends.calico.routes import detect_host_ip6
+r6 = apply_routes({"fd80::40/122": "fd99::12", "fd00:77::5/128": "fd99::12"})
+import subprocess
+s6 = subprocess.run("ip -6 route show proto 78", shell=True, capture_output=True,
+                    text=True).stdout
+r7 = apply_routes({})
+s7 = subprocess.run("ip -6 route show proto 78", shell=True, capture_output=True,
+                    text=True).stdout
 emit({"ip": detect_host_ip(), "r1": r1, "s1": s1, "r2": r2, "s2": s2, "r3": r3,
-      "r4": r4, "s4": ours(), "all": all_routes})
+      "r4": r4, "s4": ours(), "all": all_routes, "ip6": detect_host_ip6(), "r6": r6,
+      "s6": s6, "r7": r7, "s7": s7})
 """)
+    assert out["ip6"] == "fd99::11"
+    assert out["r6"]["added"] == ["fd00:77::5/128", "fd80::40/122"], out["r6"]
+    assert "fd80::40/122 via fd99::12" in out["s6"] and "fd00:77::5 via fd99::12" in out["s6"]
+    assert out["r7"]["deleted"] == ["fd00:77::5/128", "fd80::40/122"] and not out["s7"].strip()
     assert out["ip"] == "10.99.0.11"
     assert out["r1"]["added"] == ["192.168.5.0/26", "192.168.7.7/32"]
     assert out["r1"]["skipped"] == ["192.168.9.0/24"]

@@ -144,3 +144,45 @@ def test_global_scope_with_embedded_store_warns():
     assert cfg.scope == "global"
     assert any("embedded" in w and "this host only" in w for w in cfg.warnings)
     assert config_from_text('scope = "global"\n[datastore]\ntype = "etcd"').warnings == []
+
+
+def test_calico_audit_interval_and_grace():
+    cfg = config_from_text("[datastore]\ntimeout = 3\n")
+    assert cfg.calico.audit_interval == 60.0
+    assert cfg.calico.audit_grace == 3 + 5.0        # the datastore timeout + a margin
+    cfg = config_from_text("[calico]\naudit_interval = 2\naudit_grace = 12.5\n")
+    assert cfg.calico.audit_interval == 2.0 and cfg.calico.audit_grace == 12.5
+    assert not cfg.warnings
+    cfg = config_from_text("[datastore]\ntimeout = 5\n[calico]\naudit_grace = 1\n")
+    assert any("audit_grace" in w for w in cfg.warnings)
+    for text, key in (("audit_interval = 0", "audit_interval"),
+                      ("audit_grace = -1", "audit_grace"),
+                      ('audit_interval = "often"', "audit_interval")):
+        with pytest.raises(ConfigError) as exc:
+            config_from_text(f"[calico]\n{text}\n", "x.toml")
+        assert f"calico.{key}" in str(exc.value) or key in str(exc.value)
+
+
+def test_etcdv3_example_config_loads():
+    cfg = load_config(os.path.join(ROOT, "config", "calico-etcd3.cfg"))
+    d = cfg.datastore
+    assert d.type == "etcdv3" and len(d.endpoints) == 3 and d.timeout == 5.0
+    assert (d.ca_file, d.cert_file, d.key_file) == (
+        "/etc/netplugin/etcd-ca.pem", "/etc/netplugin/etcd-client.pem",
+        "/etc/netplugin/etcd-client-key.pem")
+    assert (d.username, d.password) == ("netplugin", "change-me")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('type = "etcdv3"\ncert_file = "/c.pem"\n',
+     "key 'datastore.key_file' must be set together with 'datastore.cert_file'"),
+    ('type = "etcdv3"\nusername = "u"\n',
+     "key 'datastore.password' must be set together with 'datastore.username'"),
+    ('type = "etcdv3"\nca_file = "ca.pem"\n', "key 'datastore.ca_file' must be an absolute path"),
+    ('type = "consul"\nca_file = "/ca.pem"\n',
+     "key 'datastore.ca_file' applies to the etcd and etcdv3 types only"),
+])
+def test_datastore_tls_and_auth_errors(text, message):
+    with pytest.raises(ConfigError) as exc:
+        config_from_text("[datastore]\n" + text)
+    assert message in str(exc.value)

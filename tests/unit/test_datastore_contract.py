@@ -16,15 +16,15 @@ import pytest
 
 from netplugin.config import DatastoreConfig
 from netplugin.datastore import (
-    CompareFailed, CountingDatastore, DatastoreUnavailable, Event, Item, KeyExists,
-    KeyNotFound, open_datastore)
+    KEEP, CompareFailed, CountingDatastore, DatastoreUnavailable, Event, Item, KeyExists,
+    KeyNotFound, TooMuchContention, open_datastore)
 from netplugin.datastore.consul import ConsulDatastore
 from netplugin.datastore.embedded import EmbeddedDatastore
 from netplugin.datastore.etcd import EtcdDatastore
 from tests.datastore_servers import (  # noqa: F401  (fixtures used by name)
     consul_address, etcd_endpoint, free_port, garbage_server, run_etcd, silent_server)
 
-ADAPTERS = ["embedded", "etcd", "consul"]
+ADAPTERS = ["embedded", "etcd", "etcdv3", "consul"]
 
 
 def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
@@ -41,8 +41,8 @@ def store(request, tmp_path):
     kind = request.param
     if kind == "embedded":
         cfg = DatastoreConfig(type="embedded", path=str(tmp_path / "sub" / "dir" / "state.db"))
-    elif kind == "etcd":
-        cfg = DatastoreConfig(type="etcd", endpoints=[request.getfixturevalue("etcd_endpoint")])
+    elif kind in ("etcd", "etcdv3"):  # one etcd serves both APIs (separate keyspaces)
+        cfg = DatastoreConfig(type=kind, endpoints=[request.getfixturevalue("etcd_endpoint")])
     else:
         cfg = DatastoreConfig(type="consul", address=request.getfixturevalue("consul_address"))
     ds = open_datastore(cfg)
@@ -311,24 +311,85 @@ def _increment(store, key: str, times: int) -> int:
     return retries
 
 
-def test_concurrent_cas_from_threads_loses_no_update(store, root):
-    key = f"{root}/counter"
-    store.create(key, "0")
+def _in_threads(work, n: int = 4) -> None:
+    """Run ``work()`` in ``n`` threads at once; re-raise the first failure."""
     errors = []
 
     def worker():
         try:
-            _increment(store, key, 25)
+            work()
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
+    threads = [threading.Thread(target=worker) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
-    assert not errors
+    assert not errors, errors
+
+
+def test_concurrent_cas_from_threads_loses_no_update(store, root):
+    key = f"{root}/counter"
+    store.create(key, "0")
+    _in_threads(lambda: _increment(store, key, 25))
     assert store.get(key).value == "100"
+
+
+def test_update_creates_changes_keeps_and_deletes(store, root):
+    key = f"{root}/upd"
+    seen = []
+
+    def put(value):
+        def mutate(item):
+            seen.append(item)
+            return value
+        return mutate
+
+    created = store.update(key, put("a"))
+    assert seen == [None] and created == store.get(key) and created.value == "a"
+    changed = store.update(key, lambda item: item.value + "b")
+    assert changed.value == "ab" and changed.version > created.version
+    assert store.update(key, put("ab")) == changed          # same value: no write
+    assert store.update(key, lambda item: KEEP) == changed
+    assert store.get(key) == changed
+    assert store.update(key, put(None)) is None
+    with pytest.raises(KeyNotFound):
+        store.get(key)
+    assert store.update(key, put(None)) is None             # absent stays absent
+
+
+def test_update_aborts_when_the_mutator_raises(store, root):
+    key = f"{root}/upd-abort"
+    before = store.put(key, "x")
+
+    def refuse(item):
+        raise ValueError("no")
+    with pytest.raises(ValueError):
+        store.update(key, refuse)
+    assert store.get(key) == before
+
+
+def test_update_from_threads_loses_no_update(store, root):
+    key = f"{root}/upd-counter"
+
+    def work():
+        for _ in range(20):
+            store.update(key, lambda item: str(int(item.value) + 1 if item else 1))
+    _in_threads(work)
+    assert store.get(key).value == "80"
+
+
+def test_update_gives_up_after_its_retries(store, root):
+    key = f"{root}/upd-race"
+    store.put(key, "0")
+
+    def racing(item):
+        store.put(key, str(int(item.value) + 1))        # a writer always wins
+        return "mine"
+    with pytest.raises(TooMuchContention):
+        store.update(key, racing, retries=3)
+    assert store.get(key).value == "3"
 
 
 def _process_worker(path: str, key: str, times: int) -> None:
@@ -402,9 +463,9 @@ def test_embedded_unusable_path_is_unavailable(tmp_path):
 # -- unreachable stores ----------------------------------------------------
 
 def _remote(kind: str, address: str, timeout: float):
-    if kind == "etcd":
-        return EtcdDatastore.from_config(
-            DatastoreConfig(type="etcd", endpoints=[f"http://{address}"], timeout=timeout))
+    if kind in ("etcd", "etcdv3"):
+        return open_datastore(
+            DatastoreConfig(type=kind, endpoints=[f"http://{address}"], timeout=timeout))
     return ConsulDatastore.from_config(
         DatastoreConfig(type="consul", address=address, timeout=timeout))
 
@@ -434,7 +495,7 @@ def _assert_unavailable(ds, kind, address, reason, limit):
         assert elapsed < limit, (name, elapsed)
 
 
-@pytest.mark.parametrize("kind", ["etcd", "consul"])
+@pytest.mark.parametrize("kind", ["etcd", "etcdv3", "consul"])
 def test_unreachable_closed_port(kind):
     address = f"127.0.0.1:{free_port()}"
     ds = _remote(kind, address, timeout=1.0)
@@ -448,7 +509,7 @@ def test_unreachable_closed_port(kind):
     ds.close()
 
 
-@pytest.mark.parametrize("kind", ["etcd", "consul"])
+@pytest.mark.parametrize("kind", ["etcd", "etcdv3", "consul"])
 def test_silent_server_times_out(kind):
     with silent_server() as address:
         ds = _remote(kind, address, timeout=0.3)
@@ -463,7 +524,7 @@ def test_silent_server_times_out(kind):
 
 
 @pytest.mark.parametrize("status", ["200 OK", "500 Internal Server Error"])
-@pytest.mark.parametrize("kind", ["etcd", "consul"])
+@pytest.mark.parametrize("kind", ["etcd", "etcdv3", "consul"])
 def test_garbage_answer_is_unavailable(kind, status):
     with garbage_server(status) as address:
         ds = _remote(kind, address, timeout=1.0)

@@ -17,16 +17,21 @@ import shutil
 import socketserver
 import subprocess
 import sys
+import stat
 import tarfile
+import tempfile
 import threading
 
 import pytest
 
 from backends.calico import ctl
+from backends.calico.ctl import base as ctl_base
+from backends.calico.ctl import cli as ctl_cli
 from backends.calico import ipam as ci
-from backends.calico import keys
+from backends.calico import model as keys
 from netplugin.datastore.embedded import EmbeddedDatastore
 from netplugin.datastore.etcd import EtcdDatastore
+from netplugin.datastore.etcdv3 import Etcd3Datastore
 from netplugin.config import load_config
 from tests.datastore_servers import free_port, run_etcd
 
@@ -54,8 +59,8 @@ def etcd_url():
 
 def write_config(tmp_path, kind: str, etcd_url: str = "", hostname: str = HOST,
                  extra: str = "") -> str:
-    if kind == "etcd":
-        ds = f'type = "etcd"\nendpoints = ["{etcd_url}"]\ntimeout = 3\n'
+    if kind in ("etcd", "etcdv3"):
+        ds = f'type = "{kind}"\nendpoints = ["{etcd_url}"]\ntimeout = 3\n'
     else:
         ds = f'type = "embedded"\npath = "{tmp_path}/state.db"\n'
     text = (f'backend = "calico"\nsocket = "{tmp_path}/plugins/calico.sock"\n'
@@ -79,6 +84,9 @@ class Env:
         self.cfg = load_config(self.cfg_path)
         if kind == "etcd":
             self.store = EtcdDatastore([etcd_url])
+            self.store.delete_prefix("/calico")
+        elif kind == "etcdv3":   # the same etcd, its v3 keyspace
+            self.store = Etcd3Datastore([etcd_url])
             self.store.delete_prefix("/calico")
         else:
             self.store = EmbeddedDatastore(str(tmp_path / "state.db"))
@@ -125,14 +133,14 @@ class Env:
             "profile_ids": list(profiles), "labels": {}, "ipv4_nets": v4, "ipv6_nets": v6}))
 
     def close(self):
-        if self.kind == "etcd":
+        if self.kind in ("etcd", "etcdv3"):
             self.store.delete_prefix("/calico")
         self.store.close()
 
 
-@pytest.fixture(params=["etcd", "embedded"])
+@pytest.fixture(params=["etcd", "etcdv3", "embedded"])
 def env(request, tmp_path, capsys):
-    url = request.getfixturevalue("etcd_url") if request.param == "etcd" else ""
+    url = request.getfixturevalue("etcd_url") if request.param != "embedded" else ""
     e = Env(request.param, tmp_path, capsys, url)
     yield e
     e.close()
@@ -160,8 +168,8 @@ def _no_host_netns(monkeypatch):
             return 0, '{"nftables": []}' if "-j" in argv else "", ""
         return 127, "", f"{argv[0]}: not faked"
 
-    monkeypatch.setattr(ctl, "run_command", fake)
-    monkeypatch.setattr(ctl, "POOL_REMOVE_GRACE", 0)
+    monkeypatch.setattr(ctl_base, "run_command", fake)
+    monkeypatch.setattr(ctl_base, "POOL_REMOVE_GRACE", 0)
 
 
 class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -204,9 +212,11 @@ def serve_unix(path: str, routes):
 def fake_plugin(tmp_path):
     """Something answering /Plugin.Activate on the config's socket path."""
     path = str(tmp_path / "plugins" / "calico.sock")
+    health = {"healthy": True, "checks": {"datastore": {"ok": True, "detail": "answers"}}}
     server = serve_unix(path, lambda m, p: (200, {"Implements": ["NetworkDriver",
                                                                   "IpamDriver"]})
-                        if p == "/Plugin.Activate" else (404, {"Err": "no"}))
+                        if p == "/Plugin.Activate" else (200, health) if p == "/health"
+                        else (404, {"Err": "no"}))
     yield path
     server.shutdown()
     server.server_close()
@@ -268,9 +278,9 @@ def test_parse_rule_errors(spec, message):
 
 
 def test_global_options_anywhere():
-    assert ctl._hoist_globals(["pool", "show", "--json", "-f", "x.cfg"]) == \
+    assert ctl_cli._hoist_globals(["pool", "show", "--json", "-f", "x.cfg"]) == \
         ["--json", "-f", "x.cfg", "pool", "show"]
-    assert ctl._hoist_globals(["--config=y", "status"]) == ["--config=y", "status"]
+    assert ctl_cli._hoist_globals(["--config=y", "status"]) == ["--config=y", "status"]
 
 
 # --------------------------------------------------------------------------
@@ -373,6 +383,39 @@ def test_pool_remove_releases_affinities(env):
     assert "not a valid CIDR" in env.fail("pool", "remove", "nonsense")
     out = env.ok("pool", "remove", "10.50.0.0/24")
     assert out.startswith("Removed pool 10.50.0.0/24\n  released affinity of host host-a")
+
+
+def test_host_remove_releases_the_hosts_blocks_and_forgets_it(env, monkeypatch):
+    monkeypatch.setattr(ctl_base, "POOL_REMOVE_GRACE", 0.0)
+    from backends.calico import hosts
+    env.ok("pool", "add", "10.20.0.0/24")
+    within = ci.ipaddress.ip_network("10.20.0.0/24")
+    gone = [env.ipam.auto_assign_one(4, OTHER, within=within) for _ in range(2)]
+    mine = env.ipam.auto_assign_one(4, HOST, within=within)
+    # a container of this host borrowed an address of the removed host's block
+    borrowed = gone[1]
+    env.put_endpoint(EID1, [f"{borrowed}/32"], ["net"], host=HOST)
+    env.store.put(f"/calico/v1/host/{OTHER}/bird_ip", "192.0.2.2")
+    env.put_endpoint(EID2, [f"{gone[0]}/32"], ["net"], host=OTHER)
+
+    assert "still has 1 workload endpoint" in env.fail("host", "remove", OTHER)
+    assert "is this host" in env.fail("host", "remove", HOST)
+    assert "invalid host name" in env.fail("host", "remove", "a/b")
+    data = env.json("host", "remove", OTHER, "--force")
+    assert data["endpoint_records_removed"] == [keys.endpoint(OTHER, EID2)]
+    block = ci.block_cidr_for(gone[0])
+    assert data["blocks_released"] == [str(block)]     # the borrowed address stays
+    assert data["addresses_released"] == [str(gone[0])]
+    assert env.ipam.affine_blocks(OTHER, 4) == []
+    stored = env.ipam.read_block(block)
+    assert stored.host is None and stored.allocated() == [borrowed]
+    assert env.ipam.affine_blocks(HOST, 4) == [ci.block_cidr_for(mine)]
+    assert env.ipam.read_block(ci.block_cidr_for(mine)).allocated() == [mine]
+    with pytest.raises(Exception):
+        env.store.get(f"/calico/v1/host/{OTHER}/bird_ip")
+    assert OTHER in hosts.removed_hosts(env.store)
+    out = env.ok("host", "remove", OTHER)               # again: nothing left, no error
+    assert out.startswith(f"Removed host {OTHER}")
 
 
 # --------------------------------------------------------------------------
@@ -505,6 +548,40 @@ def test_profile_rules(env):
     assert code == 1 and "unknown action 'maybe'" in err
 
 
+@pytest.mark.parametrize("rule, message", [
+    ({"action": "allow", "dst_ports": [80]}, "dst_ports needs protocol tcp"),
+    ({"action": "allow", "protocol": "tcp", "dst_ports": [70000]}, "dst_ports entry must"),
+    ({"protocol": "icmp", "icmp_code": 3}, "icmp_code needs icmp_type"),
+    ({"src_net": "10.0.0.0/8", "dst_net": "fd00::/8"}, "mixes IPv4 and IPv6"),
+    ({"src_tag": "no spaces allowed"}, "src_tag is not a valid tag"),
+    ({"protocol": "gopher"}, "unknown protocol 'gopher'"),
+    ({"action": "allow", "dst_prts": [80]}, "unknown rule field(s) dst_prts"),
+])
+def test_rule_update_refuses_what_the_policy_compiler_rejects(env, rule, message):
+    """``rule update`` stores only rules the nftables compiler accepts: a rule
+    it would reject (skipped by every agent) is refused with the reason."""
+    from backends.calico import policy
+
+    env.ok("profile", "add", "WEB")
+    before = env.get(keys.profile_rules("WEB"))
+    with pytest.raises(policy.InvalidRule):
+        policy.compile_rule(rule)
+    data = {"inbound_rules": [{"action": "allow", "src_tag": "WEB"}, rule],
+            "outbound_rules": []}
+    code, out, err = env.run("profile", "WEB", "rule", "update", stdin=json.dumps(data))
+    assert code == 1 and out == "", (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "netpluginctl: error: rules JSON: inbound_rules rule 2 "), err
+    assert "is not a valid rule: " in err and message in err, err
+    assert env.get(keys.profile_rules("WEB")) == before        # nothing written
+    # valid rules are stored
+    good = {"inbound_rules": [{"action": "allow", "protocol": "tcp", "dst_ports": [80]}],
+            "outbound_rules": [{"action": "next-tier"}]}
+    env.ok("profile", "WEB", "rule", "update", stdin=json.dumps(good))
+    assert env.get(keys.profile_rules("WEB")) == good
+
+
 # --------------------------------------------------------------------------
 # endpoints
 
@@ -587,7 +664,7 @@ def test_endpoint_profile_change_is_compare_and_swap(etcd_env, monkeypatch):
         env.ok("profile", "add", name)
     env.put_endpoint(EID1, ["10.0.0.1/32"], ["WEB"])
     key = keys.endpoint(HOST, EID1)
-    real_open = ctl.open_datastore
+    real_open = ctl_cli.open_datastore
     cas_calls = []
 
     def open_racy(cfg):
@@ -605,10 +682,26 @@ def test_endpoint_profile_change_is_compare_and_swap(etcd_env, monkeypatch):
         store.compare_and_swap = racy_cas
         return store
 
-    monkeypatch.setattr(ctl, "open_datastore", open_racy)
+    monkeypatch.setattr(ctl_cli, "open_datastore", open_racy)
     env.ok("endpoint", EID1, "profile", "append", "DB")
     assert cas_calls == [key, key]
     assert env.get(key)["profile_ids"] == ["WEB", "OPS", "DB"]
+
+
+def test_a_key_that_keeps_changing_is_one_clear_error(env, monkeypatch):
+    """Datastore.update gives up after its retries: one line, nothing written."""
+    from netplugin.datastore import CompareFailed
+
+    env.ok("profile", "add", "WEB")
+
+    def always_lose(key, value, version):
+        raise CompareFailed(key)
+
+    monkeypatch.setattr(env.store, "compare_and_swap", always_lose)
+    with pytest.raises(ctl.CtlError, match="^tags of profile WEB kept changing "
+                                           "concurrently; try again$"):
+        ctl.Ctl(env.cfg, env.store, out=io.StringIO()).tag_add("WEB", "OPS")
+    assert env.get(keys.profile_tags("WEB")) == ["WEB"]
 
 
 def test_endpoint_profile_concurrent_appends(etcd_env):
@@ -812,6 +905,7 @@ def test_status_in_process(env, fake_plugin):
     out = env.ok("status")
     assert "Datastore: " in out and ": reachable" in out
     assert "answering (implements NetworkDriver, IpamDriver)" in out
+    assert "Health:    healthy" in out and "datastore: ok: answers" in out
     assert "Endpoints on host-a: 2" in out and "NO: 10.0.0.2/32" in out
     assert "Routes via cali* interfaces: 2" in out
     assert "Hosts publishing an address (bird_ip): 2" in out and "(this host)" in out
@@ -854,6 +948,16 @@ def test_diags_in_process(env, tmp_path):
     assert {"key": "/calico/v1/ipam/v4/pool/10.90.0.0-24", "value": '{"cidr": "10.90.0.0/24"}'} \
         .items() <= dump["keys"][0].items()
     assert "does not exist" in env.fail("diags", "--output", str(tmp_path / "nope"))
+    assert stat.S_IMODE(os.stat(res["path"]).st_mode) == 0o600
+
+
+def test_diags_default_is_a_private_directory_and_0600(env, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    res = env.json("diags")
+    where = os.path.dirname(res["path"])
+    assert os.path.dirname(where) == str(tmp_path)
+    assert stat.S_IMODE(os.stat(where).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(res["path"]).st_mode) == 0o600
 
 
 def _in_netns(script: str, **kw):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-import backends.nuage  # noqa: F401  (registers "nuage")
+import backends.nuage.driver  # noqa: F401  (registers "nuage")
 from backends.nuage import keys
 from backends.nuage.docker_api import Container, DockerUnavailable
 from backends.nuage.driver import NuageBackend
@@ -125,8 +125,9 @@ class FakeLinux:
 
 @pytest.fixture
 def parts(tmp_path):
-    cfg = config_from_text('backend = "nuage"\n[nuage]\nhostname = "h1"\n'
-                           'resolve_timeout = 1.5\n')
+    cfg = config_from_text(f'backend = "nuage"\nstate_dir = "{tmp_path}/run"\n'
+                           '[nuage]\nhostname = "h1"\n'
+                           'resolve_timeout = 1.5\naudit_grace = 0\n')
     store = CountingDatastore(EmbeddedDatastore(str(tmp_path / "state.db")))
     vrs, dock, lin = FakeVrs(), FakeDocker(), FakeLinux()
     backend = NuageBackend(cfg, store, vrs=vrs, docker=dock, linux=lin)
@@ -464,7 +465,7 @@ def test_startup_audit_with_vrs_down_finishes_when_vrs_connects(parts):
     assert lin.links == set()                  # the veth goes at once
     assert backend.reassert() == 0             # never re-plugged
     vrs.ready = True                           # VRS connects: on_connect runs these
-    backend._serving = True
+    backend.on_vrs_connect = backend.host_agent().on_vrs_connect   # as the agent does
     backend._on_vrs_connect(2)
     assert vrs.vports == {}
     assert store.list_prefix(keys.endpoint_dir("h1")) == []
@@ -481,3 +482,116 @@ def test_stale_record_without_rows_is_forgotten_on_connect(parts):
     vrs.ready = True
     assert backend.remove_orphans() == []
     assert store.list_prefix(keys.endpoint_dir("h1")) == []
+
+
+# --------------------------------------------------------------------------
+# the agent: re-assertion and the audit loop run once per host
+
+
+def agent(backend):
+    """The host agent run with its stop already set: builds the loop; tests step it."""
+    import threading
+    stop = threading.Event()
+    stop.set()
+    host_agent = backend.host_agent()
+    host_agent.run(stop)
+    assert backend.on_vrs_connect is None      # detached when the run ends
+    return host_agent.reconciler
+
+
+def endpoint_keys(store):
+    return [i.key.rsplit("/", 1)[1] for i in store.list_prefix(keys.endpoint_dir("h1"))]
+
+
+def test_workers_do_not_audit_or_reassert_only_the_agent_does(parts):
+    backend, store, vrs, dock, lin = parts
+    assert NuageBackend.has_agent is True
+    joined(backend, dock)
+    dock.containers.clear()                    # Docker forgot it
+    backend._started_at = time.time()
+    backend.start()                            # a worker: no audit
+    assert backend.on_vrs_connect is None      # no host agent in a worker
+    backend._on_vrs_connect(2)                 # nor re-assertion on a connection
+    assert list(vrs.vports) == [PORT] and endpoint_keys(store) == [EID]
+    assert ("ensure", PORT, False) not in vrs.calls
+
+
+def test_agent_loop_removes_nothing_on_a_momentarily_empty_docker_view(parts):
+    backend, store, vrs, dock, lin = parts
+    joined(backend, dock)
+    loop = agent(backend)
+    backend._started_at = time.time() + 1      # the record predates the agent
+    saved = dict(dock.containers)
+    dock.containers.clear()                    # Docker answers "nothing" once
+    loop.step()
+    dock.containers.update(saved)              # and knows it again
+    loop.step()
+    assert list(vrs.vports) == [PORT] and endpoint_keys(store) == [EID]
+    assert record(store)["joined"] is True
+
+
+def test_agent_loop_removes_what_two_looks_agree_on(parts):
+    backend, store, vrs, dock, lin = parts
+    joined(backend, dock)
+    loop = agent(backend)
+    backend._started_at = time.time() + 1
+    dock.containers.clear()
+    loop.step()                                # first look
+    assert endpoint_keys(store) == [EID]
+    loop.step()                                # second look agrees (grace 0)
+    assert endpoint_keys(store) == [] and vrs.vports == {} and lin.links == set()
+
+
+def test_agent_loop_keeps_a_record_that_changed_between_the_looks(parts):
+    backend, store, vrs, dock, lin = parts
+    joined(backend, dock)
+    loop = agent(backend)
+    backend._started_at = time.time() + 1
+    dock.containers.clear()
+    loop.step()
+    key = keys.endpoint("h1", EID)
+    store.put(key, store.get(key).value)       # rewritten: a new version
+    loop.step()
+    assert endpoint_keys(store) == [EID] and list(vrs.vports) == [PORT]
+
+
+def test_agent_loop_backs_off_while_docker_is_down(parts):
+    backend, store, vrs, dock, lin = parts
+    joined(backend, dock)
+    loop = agent(backend)
+    backend._started_at = time.time() + 1
+    dock.containers.clear()
+    dock.down = True
+    assert [loop.step() for _ in range(3)] == [1.0, 2.0, 4.0]
+    assert endpoint_keys(store) == [EID]
+    dock.down = False
+    loop.step()
+    loop.step()
+    assert endpoint_keys(store) == []
+
+
+def test_endpoint_lock_is_host_wide(parts, tmp_path):
+    """Two backend instances (two workers, or a worker and the agent) on the
+    same state directory exclude each other for the same endpoint."""
+    import threading
+    backend, store, vrs, dock, lin = parts
+    other = NuageBackend(backend.config, store, vrs=vrs, docker=dock, linux=lin)
+    inside = threading.Event()
+    release = threading.Event()
+
+    def hold():
+        with backend._endpoint_lock(EID):
+            inside.set()
+            release.wait(5)
+    t = threading.Thread(target=hold)
+    t.start()
+    assert inside.wait(5)
+    got = []
+    t2 = threading.Thread(target=lambda: other._endpoint_lock(EID).__enter__() or got.append(1))
+    t2.start()
+    t2.join(0.3)
+    assert got == []                           # blocked by the other instance
+    release.set()
+    t.join(5)
+    t2.join(5)
+    assert got == [1]

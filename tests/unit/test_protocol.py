@@ -106,3 +106,39 @@ def test_responses_serialise():
     assert p.CreateEndpointResponse().to_json() == {}
     assert p.CreateEndpointResponse(mac_address="ee:ee:ee:ee:ee:ee").to_json() == {
         "Interface": {"MacAddress": "ee:ee:ee:ee:ee:ee"}}
+
+
+# -- field bounds ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("parse, body, match", [
+    (p.NetworkRequest.parse, {"NetworkID": "a" * 65}, "NetworkID is not a valid ID"),
+    (p.NetworkRequest.parse, {"NetworkID": "a" * 5000}, "NetworkID is too long"),
+    (p.JoinRequest.parse, {"NetworkID": "n", "EndpointID": "e", "SandboxKey": "/" * 5000},
+     "SandboxKey is too long"),
+    (p.ReleasePoolRequest.parse, {"PoolID": "x" * 300}, "PoolID is too long"),
+    (p.RequestAddressRequest.parse, {"PoolID": "P", "Options": {"k": "v" * 5000}},
+     r"Options\['k'\] is too long"),
+    (p.RequestAddressRequest.parse, {"PoolID": "P", "Options": {"k" * 300: "v"}},
+     "has a key of 300 characters"),
+    (p.RequestPoolRequest.parse, {"Options": {str(i): "v" for i in range(300)}},
+     "too many entries"),
+    (p.CreateEndpointRequest.parse,
+     {"NetworkID": "n", "EndpointID": "e", "Options": {"a": [[[[[[[[[["x"]]]]]]]]]]}},
+     "nested too deeply"),
+    (p.DiscoveryRequest.parse, {"DiscoveryType": 1, "DiscoveryData": ["x"] * 1000},
+     "DiscoveryData has too many entries"),
+    (p.CreateNetworkRequest.parse,
+     {"NetworkID": "n", "IPv4Data": [{"Pool": "10.0.0.0/24"}] * 300}, "IPv4Data has too many"),
+])
+def test_every_field_is_bounded(parse, body, match):
+    with pytest.raises(InvalidRequest, match=match):
+        parse(body)
+
+
+def test_docker_sized_fields_pass():
+    hexid = "0123456789abcdef" * 4
+    req = p.JoinRequest.parse({"NetworkID": hexid, "EndpointID": hexid,
+                               "SandboxKey": "/var/run/docker/netns/" + "a" * 12,
+                               "Options": {"com.docker.network.portmap": []}})
+    assert req.endpoint_id == hexid
