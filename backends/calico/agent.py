@@ -392,9 +392,9 @@ class PolicyAgent:
             self._on_event(policy.HOST_ROOT, Event("put", key, item.value, item.version))
             # Its profiles too: a watch that is still backing off after a
             # datastore outage may not have delivered a new network's tags.
-            for item in self._profile_items(key, item.value):
+            for part in self._profile_items(key, item.value):
                 self._on_event(policy.PROFILE_ROOT,
-                               Event("put", item.key, item.value, item.version))
+                               Event("put", part.key, part.value, part.version))
         except KeyNotFound:
             return True                   # deleted meanwhile: nothing to enforce
         except DatastoreError as exc:     # the local copy may still have it
