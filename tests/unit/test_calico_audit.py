@@ -633,6 +633,9 @@ def test_host_agent_starts_the_audit_loop_and_survives_its_failure(env, monkeypa
     monkeypatch.setattr(agent_mod, "PolicyAgent", FakeAgent)
     monkeypatch.setattr(audit_mod.AuditLoop, "run", broken_run)
     env.backend.host_agent().run(threading.Event())
+    for t in threading.enumerate():       # its failure is reported in this test
+        if t.name == "audit-loop":
+            t.join(5)
     assert sorted(order) == ["agent", "audit", "run"]
 
 
