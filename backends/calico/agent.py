@@ -369,15 +369,19 @@ class PolicyAgent:
             self.reconciler.notify(at_once=True)
 
     def _profile_items(self, key: str, value: str) -> list:
-        """The datastore items of the profiles the endpoint record names."""
+        """The datastore items of the profiles the endpoint record names that
+        the local copy lacks (a profile it has is kept up to date by the watch)."""
         try:
             ids = Endpoint.from_json(key, value).profile_ids or ()
         except ValueError:
             return []                     # the compiler reports a corrupt record
+        with self._lock:
+            known = self._data[policy.PROFILE_ROOT].items
+            missing = [pid for pid in ids if model.valid_id(pid) and not (
+                model.profile_tags(pid) in known and model.profile_rules(pid) in known)]
         items: list = []
-        for pid in ids:
-            if model.valid_id(pid):
-                items.extend(self.datastore.list_prefix(model.profile_dir(pid) + "/"))
+        for pid in missing:
+            items.extend(self.datastore.list_prefix(model.profile_dir(pid) + "/"))
         return items
 
     def barrier(self, key: str, timeout: Optional[float]) -> bool:
