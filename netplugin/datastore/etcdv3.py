@@ -81,10 +81,6 @@ def _key(key: str) -> str:
     return key if key.startswith("/") else "/" + key
 
 
-#: Versions of one key walked back to decide a lost answer (_first_change_ours).
-HISTORY_STEPS = 100
-
-
 class _Failed(Exception):
     """One attempt on one endpoint failed.  ``sent``: the request may have
     been applied; ``reason``: words for the operator."""
@@ -395,39 +391,47 @@ class Etcd3Datastore(Datastore):
         """The key's first change after the state ``want`` compared against,
         as an Item when it wrote ``value`` (ours), else None.  Only one write
         can match a comparison, so this decides a lost answer exactly; when
-        the history needed is gone (compacted, the key deleted in between)
-        the outcome is unknown: DatastoreUnavailable, never a guess."""
+        the history needed is gone (compacted) the outcome is unknown:
+        DatastoreUnavailable, never a guess."""
         def unknown(why: str) -> DatastoreUnavailable:
             return DatastoreUnavailable(
                 f"{self.name} at {self.address}: write of {key} not confirmed "
                 f"({failure.reason}) and {why}")
-        if current is None:
-            return None                    # changed to absent: a delete came after
-        if want["target"] == "CREATE":
-            raw = self._request("kv/range", {"key": _b64(key)}, idempotent=True).get("kvs", [])
-            if not raw:
-                return None
-            created = int(raw[0]["create_revision"])
-            items, _ = self._range(key, revision=str(created))
-            first = items[0] if items else None
-        else:
-            since = int(want["mod_revision"])
-            first = current
-            for _ in range(HISTORY_STEPS):
-                try:
-                    items, _ = self._range(key, revision=str(first.version - 1))
-                except DatastoreUnavailable as exc:
-                    raise unknown(f"its history cannot be read: {exc}") from None
-                if not items:
-                    raise unknown("the key was deleted and written again meanwhile")
-                if items[0].version <= since:
-                    break
-                first = items[0]
+        try:
+            if want["target"] == "CREATE":
+                if current is None:
+                    return None            # changed to absent: a delete came after
+                raw = self._request("kv/range", {"key": _b64(key)},
+                                    idempotent=True).get("kvs", [])
+                if not raw:
+                    return None
+                items, _ = self._range(key, revision=str(int(raw[0]["create_revision"])))
             else:
-                raise unknown(f"it changed more than {HISTORY_STEPS} times meanwhile")
+                items = self._first_change_after(key, int(want["mod_revision"]))
+        except DatastoreUnavailable as exc:
+            raise unknown(f"its history cannot be read: {exc}") from None
+        first = items[0] if items else None
         if first is not None and first.value == value:
             return first
         return None
+
+    def _first_change_after(self, key: str, since: int) -> List[Item]:
+        """The key as its first change after revision ``since`` (when it was
+        last modified at ``since``) left it: [] for a delete.  A binary search
+        over revisions (the state at a revision is "still at since" up to that
+        change and never again after), so a key written thousands of times
+        meanwhile costs a few dozen reads."""
+        _, now = self._range(key)
+        lo, hi = since, now              # at lo: unchanged; at hi (now): changed
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            items, _ = self._range(key, revision=str(mid))
+            if items and items[0].version == since:
+                lo = mid
+            else:
+                hi = mid
+        items, _ = self._range(key, revision=str(hi))
+        return items
 
     def put(self, key: str, value: str) -> Item:
         key = _key(key)

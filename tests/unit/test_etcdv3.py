@@ -274,6 +274,43 @@ def test_lost_answer_of_a_cas_that_landed_and_was_overwritten(v3):
     assert created.value == "mine"
 
 
+@pytest.mark.parametrize("ours_first", [True, False])
+def test_lost_answer_decided_after_hundreds_of_later_writes(v3, ours_first):
+    """The answer is lost and the key (and others) change hundreds of times
+    before the re-read, as under a busy counter when the leader dies: the
+    history still decides, exactly, whose write came first."""
+    ds, root = v3
+    key = f"{root}/k"
+    item = ds.put(key, "a")
+    real = ds._post_once
+
+    def race(index, path, payload, rt, ct):
+        if path == "kv/txn":
+            ds._post_once = real
+            other = _open(ds._uris[0])
+            if ours_first:
+                real(index, path, payload, rt, ct)      # ours lands first
+            for i in range(300):
+                other.put(key, f"other-{i}")
+                other.put(f"{root}/noise", str(i))
+            if not ours_first:
+                real(index, path, payload, rt, ct)      # too late: compare fails
+            other.delete(key)
+            other.put(key, "again")
+            other.close()
+            raise etcdv3._Failed("connection lost", sent=True)
+        return real(index, path, payload, rt, ct)
+
+    ds._post_once = race
+    if ours_first:
+        new = ds.compare_and_swap(key, "mine", item.version)
+        assert new.value == "mine" and new.version == item.version + 1
+    else:
+        with pytest.raises(CompareFailed):
+            ds.compare_and_swap(key, "mine", item.version)
+    assert ds.get(key).value == "again"
+
+
 def test_lost_answer_of_a_cas_that_did_not_land_is_sent_once_more(v3):
     ds, root = v3
     key = f"{root}/k"
