@@ -350,8 +350,8 @@ class EtcdDatastore(Datastore):
         wrote ``value`` (ours), else None; etcd's event history (its last
         1000 events) answers a watch from a past index at once.  History gone:
         DatastoreUnavailable (outcome unknown), never a guess."""
-        if current is None:
-            return None                    # changed to absent: a delete came after
+        if current is None and "prevExist" in cond:
+            return None                    # created, then deleted: whose create is unknown
         try:
             if "prevExist" in cond:
                 node = self._call(lambda c: c.read(_q(key), quorum=True), True)

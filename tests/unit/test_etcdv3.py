@@ -342,10 +342,12 @@ def test_v2_lost_answers_are_decided_not_resent(etcd_endpoint):
         if idempotent or not plan:
             return real(op, idempotent)
         what = plan.pop(0)
-        if what in ("apply-then-lose", "apply-race-lose"):
+        if what in ("apply-then-lose", "apply-race-lose", "apply-delete-lose"):
             real(op, idempotent)
         if what == "apply-race-lose":
             real(lambda c: c.write(f"{root}/k", "other"), False)
+        if what == "apply-delete-lose":
+            real(lambda c: c.delete(f"{root}/k"), False)
         raise etcdv2._Lost("test: answer lost")
 
     ds._call = call
@@ -361,6 +363,9 @@ def test_v2_lost_answers_are_decided_not_resent(etcd_endpoint):
         raced = ds.compare_and_swap(f"{root}/k", "3", newer.version)
         assert raced.value == "3" and ds.get(f"{root}/k").value == "other"
         newer = ds.put(f"{root}/k", "2")
+        plan[:] = ["apply-delete-lose"]    # landed, then deleted, answer lost: ours
+        assert ds.compare_and_swap(f"{root}/k", "4", newer.version).value == "4"
+        newer = ds.create(f"{root}/k", "2")
         plan[:] = ["apply-then-lose"]
         ds.create(f"{root}/c", "x")
         with pytest.raises(KeyExists):
