@@ -19,7 +19,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple, TypeVar
 
 from netplugin.errors import PluginError
 
@@ -312,3 +312,70 @@ def endpoint_list(endpoints, what: str) -> List[str]:
     if not endpoints:
         raise DatastoreError(f"no {what} endpoints configured")
     return list(endpoints)
+
+
+T = TypeVar("T")
+
+
+class NextMember(Exception):
+    """One attempt on one cluster member failed before anything was applied
+    (or was idempotent): ``Members.call`` tries the next one."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Members:
+    """Failover over a cluster's members, shared by the etcd adapters.  A
+    call starts on the member that last answered and goes round the others
+    (pausing ``pause`` between rounds: an election in progress) until one
+    answers or ``timeout`` is spent.  The adapter's attempt decides what a
+    failure means: ``NextMember`` moves on; any other exception ends the
+    call (a write that may have been applied calls ``move_from`` first)."""
+
+    def __init__(self, uris: List[str], timeout: float, pause: float = 0.1):
+        self.uris, self.timeout, self.pause = list(uris), timeout, pause
+        self._lock = threading.Lock()
+        self._current = 0
+
+    @property
+    def current(self) -> int:
+        with self._lock:
+            return self._current
+
+    def move_from(self, index: int) -> None:
+        with self._lock:
+            if self._current == index:
+                self._current = (index + 1) % len(self.uris)
+
+    def call(self, attempt: Callable[[int, float], T], name: str, address: str) -> T:
+        """``attempt(index, seconds_left)`` on each member in turn;
+        DatastoreUnavailable naming every member's reason when none answered."""
+        deadline = time.monotonic() + self.timeout
+        n = len(self.uris)
+        reasons: Dict[str, str] = {}
+        while True:
+            start = self.current
+            for step in range(n):
+                index = (start + step) % n
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    result = attempt(index, left)
+                except NextMember as e:
+                    reasons[self.uris[index]] = e.reason
+                    continue
+                if index != start:
+                    with self._lock:
+                        self._current = index
+                return result
+            if time.monotonic() + self.pause >= deadline:
+                break
+            time.sleep(self.pause)
+        within = f"no answer within {self.timeout:g} s"
+        reasons = {u: within if r == "no answer in time" else r for u, r in reasons.items()}
+        words = sorted(set(reasons.values())) or [within]
+        word = words[0] if len(words) == 1 else "; ".join(f"{u}: {r}" for u, r in reasons.items())
+        raise DatastoreUnavailable(f"{name} at {address} is unreachable: {word}")

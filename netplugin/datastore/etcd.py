@@ -21,7 +21,6 @@ import logging
 import socket
 import ssl
 import threading
-import time
 import urllib.parse
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
@@ -32,7 +31,7 @@ from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
 from netplugin.datastore.base import (
     CompareFailed, Datastore, DatastoreError, DatastoreMisconfigured, DatastoreUnavailable,
     Event, Item, KeyExists, KeyNotFound, Watch, WatchSet, deliver_events, diff_snapshot,
-    bracketed, endpoint_list, known_versions, normalize_prefix, parse_http_address)
+    bracketed, endpoint_list, known_versions, normalize_prefix, parse_http_address, Members, NextMember)
 
 _log = logging.getLogger(__name__)
 
@@ -153,7 +152,7 @@ class EtcdDatastore(Datastore):
             self._tls.update(cert_file=cert_file, key_file=key_file)
         self._lock = threading.Lock()
         self._clients: Optional[List[etcd.Client]] = None
-        self._current = 0
+        self._members = Members(self._uris, self.timeout)
         self._watchset = WatchSet()
 
     @classmethod
@@ -195,56 +194,34 @@ class EtcdDatastore(Datastore):
         ``idempotent`` one, got no answer.  A write that may have been
         applied raises ``_Lost``."""
         clients = self._get_clients()
-        n = len(clients)
-        deadline = time.monotonic() + self.timeout
-        reasons: Dict[str, str] = {}
-        while True:
-            with self._lock:
-                start = self._current
-            for step in range(n):
-                i = (start + step) % n
-                if time.monotonic() >= deadline:
-                    break
-                try:
-                    result = op(clients[i])
-                except etcd.EtcdWatchTimedOut:
-                    raise
-                except etcd.EtcdConnectionFailed as e:
-                    tls = _tls_failure(e)
-                    if tls:
-                        raise DatastoreMisconfigured(f"etcd at {self._uris[i]}: {tls}") from None
-                    reasons[self._uris[i]] = _describe(e, clients[i].read_timeout)
-                    if not _not_sent(e) and not idempotent:
-                        self._move_from(i)
-                        raise _Lost(f"{self._uris[i]}: {reasons[self._uris[i]]}") from e
-                    continue
-                except etcd.EtcdInsufficientPermissions as e:
-                    raise DatastoreMisconfigured(
-                        f"etcd at {self._uris[i]}: etcd auth failed: {e}") from None
-                except etcd.EtcdException as e:
-                    if type(e) is not etcd.EtcdException or "raft" not in str(e).lower():
-                        raise
-                    # "Raft Internal Error": no leader, timed out: maybe applied
-                    reasons[self._uris[i]] = str(e)
-                    if not idempotent:
-                        self._move_from(i)
-                        raise _Lost(f"{self._uris[i]}: {e}") from e
-                    continue
-                if i != start:
-                    with self._lock:
-                        self._current = i
-                return result
-            if time.monotonic() + 0.1 >= deadline:
-                break
-            time.sleep(0.1)
-        words = sorted(set(reasons.values())) or [f"no answer within {self.timeout:g} s"]
-        word = words[0] if len(words) == 1 else "; ".join(f"{u}: {r}" for u, r in reasons.items())
-        raise DatastoreUnavailable(f"etcd at {self.address} is unreachable: {word}")
 
-    def _move_from(self, index: int) -> None:
-        with self._lock:
-            if self._current == index:
-                self._current = (index + 1) % len(self._endpoints)
+        def attempt(i: int, left: float) -> T:
+            try:
+                return op(clients[i])
+            except etcd.EtcdWatchTimedOut:
+                raise
+            except etcd.EtcdConnectionFailed as e:
+                tls = _tls_failure(e)
+                if tls:
+                    raise DatastoreMisconfigured(f"etcd at {self._uris[i]}: {tls}") from None
+                reason = _describe(e, clients[i].read_timeout)
+                if not _not_sent(e) and not idempotent:
+                    self._members.move_from(i)
+                    raise _Lost(f"{self._uris[i]}: {reason}") from e
+                raise NextMember(reason) from None
+            except etcd.EtcdInsufficientPermissions as e:
+                raise DatastoreMisconfigured(
+                    f"etcd at {self._uris[i]}: etcd auth failed: {e}") from None
+            except etcd.EtcdException as e:
+                if type(e) is not etcd.EtcdException or "raft" not in str(e).lower():
+                    raise
+                # "Raft Internal Error": no leader, timed out: maybe applied
+                if not idempotent:
+                    self._members.move_from(i)
+                    raise _Lost(f"{self._uris[i]}: {e}") from e
+                raise NextMember(str(e)) from None
+
+        return self._members.call(attempt, "etcd", self.address)
 
     @contextlib.contextmanager
     def _errors(self):

@@ -32,8 +32,6 @@ import json
 import logging
 import os
 import ssl
-import threading
-import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import requests
@@ -42,7 +40,7 @@ from etcd3gw.client import Etcd3Client
 from netplugin.datastore.base import (
     CompareFailed, Datastore, DatastoreError, DatastoreMisconfigured, DatastoreUnavailable,
     Event, Item, KeyExists, KeyNotFound, Watch, WatchSet, deliver_events, diff_snapshot,
-    bracketed, endpoint_list, known_versions, normalize_prefix, parse_http_address)
+    bracketed, endpoint_list, known_versions, normalize_prefix, parse_http_address, Members, NextMember)
 
 _log = logging.getLogger(__name__)
 
@@ -151,8 +149,7 @@ class Etcd3Datastore(Datastore):
         self._session.mount("https://", requests.adapters.HTTPAdapter(pool_maxsize=32))
         self._clients = [Etcd3Client(host=h, port=port, protocol=p, timeout=self.timeout,
                                      session=self._session) for p, h, port in self._endpoints]
-        self._lock = threading.Lock()
-        self._current = 0
+        self._members = Members(self._uris, self.timeout, RETRY_PAUSE)
         self._token: Optional[str] = None
         self._watchset = WatchSet()
 
@@ -228,80 +225,47 @@ class Etcd3Datastore(Datastore):
         """POST ``payload``; failover as described in the module docstring.
         A non-idempotent request that may have been applied raises
         ``_Failed(sent=True)`` for the caller to decide."""
-        deadline = time.monotonic() + self.timeout
         n = len(self._clients)
-        reasons: Dict[str, str] = {}
-        while True:
-            with self._lock:
-                start = self._current
-            for step in range(n):
-                index = (start + step) % n
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                if self._username and self._token is None:
-                    try:
-                        self._authenticate(index, left)
-                    except _Failed as e:
-                        if e.misconfigured:
-                            raise self._misconfigured(index, e.reason) from None
-                        reasons[self._uris[index]] = e.reason
-                        continue
-                connect = min(left, max(0.2, self.timeout / n))
-                # half the timeout per member: a member whose request went to
-                # a leader that died holds it until its own (long) timeout
-                wait = min(left, max(0.5, self.timeout / 2)) if n > 1 else left
+
+        def attempt(index: int, left: float) -> dict:
+            if self._username and self._token is None:
                 try:
-                    answer = self._post_once(index, path, payload, wait, connect)
+                    self._authenticate(index, left)
                 except _Failed as e:
                     if e.misconfigured:
                         raise self._misconfigured(index, e.reason) from None
-                    reasons[self._uris[index]] = e.reason
-                    if e.sent and not idempotent:
-                        self._move_from(index)
-                        raise
-                    continue
-                except _Answer as e:
-                    low = e.message.lower()
-                    if e.status == 401 and self._username and not renewed:
-                        self._token = None   # expired token: a new one, once
-                        return self._request(path, payload, idempotent, renewed=True)
-                    if any(m.lower() in low for m in _AUTH_ERRORS) or e.status in (401, 403):
-                        raise self._misconfigured(index, e.message) from None
-                    if any(m in low for m in _NOT_APPLIED):
-                        reasons[self._uris[index]] = e.message
-                        continue
-                    if e.status in (503, 504):   # timed out, leader changed: maybe applied
-                        reasons[self._uris[index]] = e.message
-                        if not idempotent:
-                            self._move_from(index)
-                            raise _Failed(e.message, sent=True) from None
-                        continue
-                    raise DatastoreUnavailable(
-                        f"{self.name} at {self._uris[index]} failed: {e.message}") from None
-                if index != start:
-                    with self._lock:
-                        self._current = index
-                return answer
-            if time.monotonic() + RETRY_PAUSE >= deadline:
-                break
-            time.sleep(RETRY_PAUSE)
-        raise self._unavailable(reasons)
+                    raise NextMember(e.reason) from None
+            connect = min(left, max(0.2, self.timeout / n))
+            # half the timeout per member: a member whose request went to
+            # a leader that died holds it until its own (long) timeout
+            wait = min(left, max(0.5, self.timeout / 2)) if n > 1 else left
+            try:
+                return self._post_once(index, path, payload, wait, connect)
+            except _Failed as e:
+                if e.misconfigured:
+                    raise self._misconfigured(index, e.reason) from None
+                if e.sent and not idempotent:
+                    self._members.move_from(index)
+                    raise
+                raise NextMember(e.reason) from None
+            except _Answer as e:
+                low = e.message.lower()
+                if e.status == 401 and self._username and not renewed:
+                    self._token = None   # expired token: a new one, once
+                    return self._request(path, payload, idempotent, renewed=True)
+                if any(m.lower() in low for m in _AUTH_ERRORS) or e.status in (401, 403):
+                    raise self._misconfigured(index, e.message) from None
+                if any(m in low for m in _NOT_APPLIED):
+                    raise NextMember(e.message) from None
+                if e.status in (503, 504):   # timed out, leader changed: maybe applied
+                    if not idempotent:
+                        self._members.move_from(index)
+                        raise _Failed(e.message, sent=True) from None
+                    raise NextMember(e.message) from None
+                raise DatastoreUnavailable(
+                    f"{self.name} at {self._uris[index]} failed: {e.message}") from None
 
-    def _move_from(self, index: int) -> None:
-        with self._lock:
-            if self._current == index:
-                self._current = (index + 1) % len(self._clients)
-
-    def _unavailable(self, reasons: Dict[str, str]) -> DatastoreUnavailable:
-        within = f"no answer within {self.timeout:g} s"
-        reasons = {u: within if r == "no answer in time" else r for u, r in reasons.items()}
-        words = sorted(set(reasons.values()))
-        if not words:
-            words = [f"no answer within {self.timeout:g} s"]
-        elif len(words) > 1:
-            words = ["; ".join(f"{u}: {r}" for u, r in reasons.items())]
-        return DatastoreUnavailable(f"{self.name} at {self.address} is unreachable: {words[0]}")
+        return self._members.call(attempt, self.name, self.address)
 
     def _misconfigured(self, index: int, reason: str) -> DatastoreMisconfigured:
         return DatastoreMisconfigured(f"{self.name} at {self._uris[index]}: {reason}")
@@ -574,8 +538,7 @@ class Etcd3Datastore(Datastore):
     def _watch_stream(self, watch: Watch, p: str, callback, state) -> None:
         """One watch stream from ``state["next"]``, until it stays silent for
         WATCH_POLL seconds, fails, or the watch is stopped."""
-        with self._lock:
-            index = self._current
+        index = self._members.current
         n = len(self._clients)
         last_error: Optional[Exception] = None
         for step in range(n):

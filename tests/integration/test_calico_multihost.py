@@ -11,11 +11,11 @@ bird_ip and routes the other host's blocks / endpoints via it
     everything removed: no endpoint, allocation, route or device left.
 """
 import json
-import time
 
 import pytest
 
 from tests.plugin_proc import LAUNCHER, PluginProcess, container_ip, etcd_config, store
+from tests.waiting import wait_for
 
 # --cluster-store is gone since Docker 23
 pytestmark = [pytest.mark.integration, pytest.mark.docker_versions("20.10")]
@@ -31,15 +31,6 @@ PROTO = "78"   # routes.RTPROT_NETPLUGIN
 def etcd_items(host, url, prefix="/calico"):
     """Every key under ``prefix``, the hosts' bird_ip included."""
     return json.loads(store(host, url, "list", prefix))
-
-
-def wait_for(fn, timeout=15.0, interval=0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def our_routes(host):

@@ -11,11 +11,11 @@ between hosts (refused: duplicate addresses) nor overlap a Calico pool.
 import ipaddress
 import json
 import signal
-import time
 
 import pytest
 
 from tests.plugin_proc import LAUNCHER, PluginProcess, container_ip, etcd_config, store
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.datastores("etcd", "etcdv3")]
 
@@ -23,15 +23,6 @@ CTL = LAUNCHER.replace("/plugin", "/netpluginctl")
 POOL = "192.168.0.0/16"
 POOL6 = "fd80:61::/64"
 PROTO = "78"   # routes.RTPROT_NETPLUGIN
-
-
-def wait_for(fn, timeout=15.0, interval=0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def items(host, url, prefix="/calico"):

@@ -19,6 +19,7 @@ import time
 import pytest
 
 from tests.plugin_proc import PluginProcess, ROOT, container_ip, etcd_config, etcd_items, store
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -27,16 +28,6 @@ EP_DIR = "/calico/v1/host/{host}/workload/libnetwork/libnetwork/endpoint/"
 AFFINITY_DIR = "/calico/ipam/v2/host/{host}/ipv4/block/"
 CTL = os.path.join(ROOT, "netpluginctl")
 GHOST = "ghost-host"
-
-
-def wait_for(fn, timeout=30.0, interval=0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(interval)
-    return fn()
 
 
 def records(host, url):

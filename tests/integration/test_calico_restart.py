@@ -22,12 +22,12 @@ import os
 import signal
 import socketserver
 import threading
-import time
 
 import pytest
 
 from tests.plugin_proc import (LAUNCHER, PluginProcess, container_ip, etcd_config, etcd_items,
                                store)
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -83,16 +83,6 @@ def endpoint_id(host, name, network):
 def ping(host, container, ip):
     return host.docker("exec", container, "ping", "-c1", "-W2", ip,
                        check=False).returncode == 0
-
-
-def wait_for(fn, timeout=20.0, interval=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(interval)
-    return fn()
 
 
 def assert_consistent(host, url):

@@ -23,17 +23,9 @@ from netplugin.datastore.embedded import EmbeddedDatastore
 from netplugin.datastore.etcd import EtcdDatastore
 from tests.datastore_servers import (  # noqa: F401  (fixtures used by name)
     consul_address, etcd_endpoint, free_port, garbage_server, run_etcd, silent_server)
+from tests.waiting import wait_for
 
 ADAPTERS = ["embedded", "etcd", "etcdv3", "consul"]
-
-
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 @pytest.fixture(params=ADAPTERS)
@@ -544,9 +536,10 @@ def test_etcd_several_endpoints_skip_a_dead_one(etcd_endpoint):
         ds.close()
 
 
-def test_etcd_watch_survives_a_restart():
+@pytest.mark.parametrize("kind", ["etcd", "etcdv3"])
+def test_etcd_watch_survives_a_restart(kind):
     with run_etcd() as server:
-        ds = EtcdDatastore([server.url], timeout=1.0)
+        ds = open_datastore(DatastoreConfig(type=kind, endpoints=[server.url], timeout=1.0))
         events = []
         watch = ds.watch_prefix("/r", events.append)
         try:
