@@ -30,8 +30,9 @@ from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
 
 from netplugin.datastore.base import (
     CompareFailed, Datastore, DatastoreError, DatastoreMisconfigured, DatastoreUnavailable,
-    Event, Item, KeyExists, KeyNotFound, Watch, WatchSet, deliver_events, diff_snapshot,
-    bracketed, endpoint_list, known_versions, normalize_prefix, parse_http_address, Members, NextMember)
+    Event, Item, KeyExists, KeyNotFound, Members, NextMember, Watch, WatchSet, deliver_events,
+    diff_snapshot, bracketed, endpoint_list, known_versions, normalize_prefix,
+    parse_http_address)
 
 _log = logging.getLogger(__name__)
 

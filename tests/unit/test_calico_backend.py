@@ -522,7 +522,7 @@ def test_endpoint_oper_info_is_empty(env):
 netns = pytest.mark.skipif(netns_unavailable_reason() is not None,
                            reason=str(netns_unavailable_reason()))
 
-SETUP = f"""
+SETUP = """
 from netplugin import protocol as p
 from netplugin import linux
 from netplugin.errors import PluginError
