@@ -32,14 +32,21 @@ One deliberate difference from libcalico: a candidate block that exists and
 already has affinity to this host (claimed by another process of the host
 after our affine list was read) is allocated from instead of skipped, so
 concurrent requests of one host do not claim more blocks than they fill.
+
+Docker's requests (each with a fresh handle) are batched per process
+(``_Batches``, a group commit): concurrent requests share one block write,
+each with its own handle and attributes, so the threads of one plugin do
+not fight over the block's compare-and-swap.
 """
 from __future__ import annotations
 
 import ipaddress
 import logging
 import random
+import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 from netplugin.datastore import CompareFailed, Datastore, KeyExists, KeyNotFound
@@ -122,6 +129,70 @@ def describe(nets: Iterable) -> str:
 
 
 # --------------------------------------------------------------------------
+# batching concurrent requests of one process (group commit)
+
+
+class _Waiting:
+    """One request in a batch: its handle, then its address (None: not served)."""
+    __slots__ = ("handle_id", "ip", "error", "done")
+
+    def __init__(self, handle_id: str):
+        self.handle_id = handle_id
+        self.ip: Optional[IPAddress] = None
+        self.error: Optional[BaseException] = None
+        self.done = False
+
+
+class _Batches:
+    """Per key, one leader at a time runs a batch of every request that
+    arrived while the previous batch ran; the others wait for its answer.
+    One request alone is its own batch at once (no added wait)."""
+
+    def __init__(self, workers: int = 8):
+        self._cv = threading.Condition()
+        self._queues: Dict[Any, List[_Waiting]] = {}
+        self._running: Set[Any] = set()
+        self._workers = workers
+        self._executor: Optional[ThreadPoolExecutor] = None
+        #: key -> the block that served its last batch (only its leader writes it)
+        self.last_block: Dict[Any, IPNetwork] = {}
+
+    def executor(self) -> ThreadPoolExecutor:
+        with self._cv:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self._workers,
+                                                    thread_name_prefix="ipam-handles")
+            return self._executor
+
+    def run(self, key, handle_id: str, serve: Callable[[List[_Waiting]], None]
+            ) -> Optional[IPAddress]:
+        me = _Waiting(handle_id)
+        with self._cv:
+            self._queues.setdefault(key, []).append(me)
+            while not me.done and key in self._running:
+                self._cv.wait()
+            if not me.done:
+                self._running.add(key)
+                batch = self._queues.pop(key)
+        if not me.done:
+            try:
+                serve(batch)
+            except BaseException as exc:
+                for waiting in batch:
+                    if waiting.ip is None:
+                        waiting.error = exc
+            finally:
+                with self._cv:
+                    for waiting in batch:
+                        waiting.done = True
+                    self._running.discard(key)
+                    self._cv.notify_all()
+        if me.error is not None:
+            raise me.error.with_traceback(None)
+        return me.ip
+
+
+# --------------------------------------------------------------------------
 # the IPAM client
 
 
@@ -132,6 +203,7 @@ class CalicoIpam:
     def __init__(self, datastore: Datastore, retries: int = RETRIES):
         self.datastore = datastore
         self.retries = retries
+        self._batches = _Batches()
 
     # -- pools and config ----------------------------------------------------
     def pools(self, version: int) -> List[Pool]:
@@ -450,10 +522,125 @@ class CalicoIpam:
                 n = (start + i) % count
                 yield cls((base + n * BLOCK_SIZE, plen))
 
+    def _assign_batch(self, version: int, host: str, within: Optional[IPNetwork],
+                      batch: List[_Waiting]) -> None:
+        """Concurrent requests of this process for one (version, host, within)
+        as one write per block: the block that served the last batch is read
+        (then, for what is left, the host's affine blocks), each waiting
+        request takes one address of it in memory, every request's fresh
+        handle is created (in parallel), then the block is written once
+        (CAS).  A lost CAS gives the handles back and tries again on the
+        re-read block.  Requests left over (the blocks are full) keep ``ip``
+        None and take the full path (claims, borrowing).  Alone, a request
+        costs 1R 2W while the remembered block has room (the block, its
+        handle, the block write), else what ``auto_assign`` costs."""
+        key = (version, host, within)
+        pending = list(batch)
+        last = self._batches.last_block.get(key)
+        if last is not None:
+            pending = self._batch_try(key, last, host, within, pending)
+        if not pending:
+            return
+        for cidr in self.affine_blocks(host, version, within):
+            if cidr != last:
+                pending = self._batch_try(key, cidr, host, within, pending)
+                if not pending:
+                    return
+
+    def _batch_try(self, key, cidr: IPNetwork, host: str, within: Optional[IPNetwork],
+                   pending: List[_Waiting]) -> List[_Waiting]:
+        """``_batch_in_block``, remembering the block if it served any."""
+        try:
+            left = self._batch_in_block(cidr, host, within, pending)
+        except (KeyNotFound, CorruptData):
+            left = pending       # the full path deals with it
+        if len(left) < len(pending):
+            self._batches.last_block[key] = cidr
+        elif self._batches.last_block.get(key) == cidr:
+            del self._batches.last_block[key]
+        return left
+
+    def _batch_in_block(self, cidr: IPNetwork, host: str, within: Optional[IPNetwork],
+                        pending: List[_Waiting]) -> List[_Waiting]:
+        """Serve what ``pending`` the block ``cidr`` has room for; the rest."""
+        for attempt in range(self.retries):
+            if attempt:
+                _backoff(attempt)
+            block = self.read_block(cidr)
+            if block.host != host:
+                return pending
+            taken: List[Tuple[_Waiting, IPAddress]] = []
+            for waiting in pending:
+                ips = block.auto_assign(1, waiting.handle_id, None, within)
+                if not ips:
+                    break
+                taken.append((waiting, ips[0]))
+            if not taken:
+                return pending
+            created = self._create_handles([w.handle_id for w, _ in taken], block.cidr)
+            try:
+                self._write_block(block)
+            except CompareFailed:
+                self._drop_handles(created, block.cidr)
+                continue
+            # any other failure: outcome unknown (the datastore went away);
+            # as in _assign_from_block, the handle counts stay
+            for waiting, ip in taken:
+                waiting.ip = ip
+            return pending[len(taken):]
+        raise TooMuchContention(
+            f"could not allocate from Calico IPAM block {cidr}: it changed "
+            f"concurrently {self.retries} times in a row")
+
+    def _create_handles(self, handle_ids: List[str], cidr: IPNetwork) -> List[Tuple[str, bool]]:
+        """Count one address of ``cidr`` in each (fresh) handle, all at once;
+        [(handle, created)]: created False when the handle existed and was
+        incremented instead.  On a failure the handles made are given back."""
+        def one(handle_id: str) -> Tuple[str, bool]:
+            handle = Handle(handle_id)
+            handle.increment(cidr, 1)
+            try:
+                self.datastore.create(handle_key(handle_id), handle.to_json())
+                return handle_id, True
+            except KeyExists:
+                self._change_handle(handle_id, cidr, 1)
+                return handle_id, False
+        if len(handle_ids) == 1:
+            return [one(handle_ids[0])]
+        futures = [self._batches.executor().submit(one, h) for h in handle_ids]
+        done, errors = [], []
+        for future in futures:
+            try:
+                done.append(future.result())
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            self._drop_handles(done, cidr)
+            raise errors[0]
+        return done
+
+    def _drop_handles(self, handles: List[Tuple[str, bool]], cidr: IPNetwork) -> None:
+        """Undo ``_create_handles`` (a lost block CAS)."""
+        for handle_id, created in handles:
+            if created:
+                try:
+                    self.datastore.delete(handle_key(handle_id))
+                except KeyNotFound:
+                    pass
+            else:
+                self._change_handle(handle_id, cidr, -1)
+
     def auto_assign_one(self, version: int, host: str, within: Optional[IPNetwork] = None,
                         handle_id: Optional[str] = None, secondary: Any = None,
                         fresh_handle: bool = False) -> IPAddress:
-        """One address, or PoolExhausted / NoPools with a message for the user."""
+        """One address, or PoolExhausted / NoPools with a message for the user.
+        A request with a fresh handle joins this host's batch first (see
+        ``_assign_batch``); what the batch cannot serve takes the full path."""
+        if fresh_handle and handle_id is not None and secondary is None:
+            ip = self._batches.run((version, host, within), handle_id,
+                                   lambda batch: self._assign_batch(version, host, within, batch))
+            if ip is not None:
+                return ip
         ips = self.auto_assign(version, 1, host, within, handle_id, secondary, fresh_handle)
         if ips:
             return ips[0]

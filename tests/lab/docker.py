@@ -11,7 +11,7 @@ import socket
 import subprocess
 import time
 
-from .base import BUSYBOX, IMAGE, IMAGE_ALIASES, LabError, _env, _kill, _pid_alive, _run, _tail
+from .base import BUSYBOX, IMAGE, IMAGE_ALIASES, LabCommandError, LabError, _env, _kill, _pid_alive, _run, _tail
 from .docker_versions import DEFAULT_VERSION, DockerUnavailable, docker_install
 
 def _busybox_rootfs_tar(cache_dir):
@@ -185,9 +185,18 @@ class DockerdMixin:
         """Run the docker CLI of the host's Docker version against its dockerd
         (from the root ns: it only needs the unix socket)."""
         env = _env({"DOCKER_CONFIG": self.lab.cli_config_dir})
-        return _run([self.docker_install.docker, "-H", self.docker_host] + list(args), check=check,
-                    timeout=timeout, input=input, stdin=stdin, env=env,
-                    text=stdin is None and not isinstance(input, bytes))
+        try:
+            return _run([self.docker_install.docker, "-H", self.docker_host] + list(args),
+                        check=check, timeout=timeout, input=input, stdin=stdin, env=env,
+                        text=stdin is None and not isinstance(input, bytes))
+        except LabCommandError as e:
+            if "Cannot connect to the Docker daemon" not in str(e):
+                raise
+            p = self._dockerd
+            state = "not started" if p is None else (
+                "running" if p.poll() is None else f"exited ({p.returncode})")
+            raise LabError("%s\ndockerd on %s: %s; log tail:\n%s" % (
+                e, self.name, state, _tail(self.dockerd_log))) from None
 
     def client(self, timeout=120):
         """docker SDK client for this host's dockerd (closed at lab close)."""

@@ -24,7 +24,7 @@ from backends.calico.ipam import CalicoIpam
 from netplugin import protocol as p
 from netplugin.app import create_app
 from netplugin.config import config_from_text
-from netplugin.datastore import CountingDatastore, KeyExists, KeyNotFound
+from netplugin.datastore import CountingDatastore, DatastoreUnavailable, KeyExists, KeyNotFound
 from netplugin.datastore.embedded import EmbeddedDatastore
 from netplugin.datastore.etcd import EtcdDatastore
 from netplugin.errors import Conflict, InvalidRequest, NotFound, NotSupported, PluginError
@@ -566,6 +566,115 @@ def test_failed_block_write_gives_the_handle_count_back(store):
     assert OneCasFails.failed
     assert json.loads(store.inner.get(ci.handle_key("h")).value)["block"] == {
         str(ci.block_cidr_for(ip)): 1}
+
+
+# --------------------------------------------------------------------------
+# concurrent requests of one process: one block write per batch
+
+
+def _concurrently(count, call):
+    """``call(i)`` for i in range(count), all threads released at once."""
+    results, errors = [None] * count, []
+    go = threading.Barrier(count)
+
+    def run(i):
+        go.wait()
+        try:
+            results[i] = call(i)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results, errors
+
+
+def _handles_match_blocks(store, ipam, handle_ids):
+    """Every handle counts its one address in the block that holds it."""
+    by_handle = {}
+    for block in ipam.list_blocks(4).values():
+        for ip in block.allocated():
+            by_handle.setdefault(block.attributes_of(ip)["handle_id"], []).append(ip)
+    for h in handle_ids:
+        (ip,) = by_handle[h]
+        assert json.loads(store.inner.get(ci.handle_key(h)).value)["block"] == {
+            str(ci.block_cidr_for(ip)): 1}
+    assert set(by_handle) == set(handle_ids)
+
+
+@pytest.mark.parametrize("count", [24, 90])
+def test_concurrent_fresh_requests_share_block_writes(store, ipam, count):
+    """24 requests fit the host's block: fewer block writes than requests,
+    no address twice, every handle right.  90 overflow it: the rest claim
+    the next block through the full path."""
+    add_pool(store, POOL)
+    ipam.release_ips([ipam.auto_assign_one(4, HOST)])          # the host's block exists
+    store.reset()
+    handles = [f"netplugin.t{i}" for i in range(count)]
+    ips, errors = _concurrently(count, lambda i: ipam.auto_assign_one(
+        4, HOST, handle_id=handles[i], fresh_handle=True))
+    assert errors == []
+    assert len(set(ips)) == count
+    block_writes = [k for kind, op, k in store.log if kind == "W" and "/assignment/" in k]
+    assert len(block_writes) < count
+    _handles_match_blocks(store, ipam, handles)
+    blocks = ipam.list_blocks(4)
+    assert len(blocks) == (1 if count <= 64 else 2)
+    assert all(b.host == HOST for b in blocks.values())
+    for h in handles:
+        assert len(ipam.release_by_handle(h)) == 1
+    assert all(b.empty for b in ipam.list_blocks(4).values())
+
+
+def test_batch_lost_cas_gives_every_handle_back(store):
+    """The batch's block write loses a race: the handles it counted are
+    given back and the retry counts each once."""
+    add_pool(store, POOL)
+
+    class FirstCasFails(CountingDatastore):
+        failed = False
+
+        def compare_and_swap(self, key, value, version):
+            if "/assignment/" in key and not FirstCasFails.failed:
+                FirstCasFails.failed = True
+                self.inner.put(key, self.inner.get(key).value)   # bump the version
+            return super().compare_and_swap(key, value, version)
+
+    CalicoIpam(store).release_ips([CalicoIpam(store).auto_assign_one(4, HOST)])
+    ipam = CalicoIpam(FirstCasFails(store.inner))
+    handles = [f"netplugin.c{i}" for i in range(12)]
+    ips, errors = _concurrently(12, lambda i: ipam.auto_assign_one(
+        4, HOST, handle_id=handles[i], fresh_handle=True))
+    assert FirstCasFails.failed and errors == [] and len(set(ips)) == 12
+    _handles_match_blocks(store, ipam, handles)
+
+
+def test_batch_failure_reaches_every_waiter_and_the_next_batch_runs(store):
+    """The datastore fails under a batch: every request of it gets the error
+    (no address, no hang); the next requests are served."""
+    add_pool(store, POOL)
+
+    class Flaky(CountingDatastore):
+        fail = True
+
+        def compare_and_swap(self, key, value, version):
+            if "/assignment/" in key and Flaky.fail:
+                time.sleep(0.2)                  # let the others queue up
+                raise DatastoreUnavailable("etcd at test is unreachable")
+            return super().compare_and_swap(key, value, version)
+
+    CalicoIpam(store).release_ips([CalicoIpam(store).auto_assign_one(4, HOST)])
+    ipam = CalicoIpam(Flaky(store.inner))
+    ips, errors = _concurrently(8, lambda i: ipam.auto_assign_one(
+        4, HOST, handle_id=f"netplugin.f{i}", fresh_handle=True))
+    assert len(errors) == 8 and all("unreachable" in str(e) for e in errors)
+    Flaky.fail = False
+    ips, errors = _concurrently(8, lambda i: ipam.auto_assign_one(
+        4, HOST, handle_id=f"netplugin.g{i}", fresh_handle=True))
+    assert errors == [] and len(set(ips)) == 8
 
 
 # --------------------------------------------------------------------------
