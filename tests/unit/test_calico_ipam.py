@@ -549,21 +549,26 @@ def test_handles_count_references(store, ipam):
     assert ipam.addresses_of_handle("ep1") == []
 
 
+class FirstBlockCasFails(CountingDatastore):
+    """The first block write loses a race: another writer bumps the version."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.failed = False
+
+    def compare_and_swap(self, key, value, version):
+        if "/assignment/" in key and not self.failed:
+            self.failed = True
+            self.inner.put(key, self.inner.get(key).value)   # bump the version
+        return super().compare_and_swap(key, value, version)
+
+
 def test_failed_block_write_gives_the_handle_count_back(store):
     add_pool(store, POOL)
-
-    class OneCasFails(CountingDatastore):
-        failed = False
-
-        def compare_and_swap(self, key, value, version):
-            if "/assignment/" in key and not self.failed:
-                OneCasFails.failed = True
-                self.inner.put(key, self.inner.get(key).value)   # bump the version
-            return super().compare_and_swap(key, value, version)
-
-    ipam = CalicoIpam(OneCasFails(store.inner))
+    racing = FirstBlockCasFails(store.inner)
+    ipam = CalicoIpam(racing)
     ip = ipam.auto_assign_one(4, HOST, handle_id="h")
-    assert OneCasFails.failed
+    assert racing.failed
     assert json.loads(store.inner.get(ci.handle_key("h")).value)["block"] == {
         str(ci.block_cidr_for(ip)): 1}
 
@@ -633,22 +638,13 @@ def test_batch_lost_cas_gives_every_handle_back(store):
     """The batch's block write loses a race: the handles it counted are
     given back and the retry counts each once."""
     add_pool(store, POOL)
-
-    class FirstCasFails(CountingDatastore):
-        failed = False
-
-        def compare_and_swap(self, key, value, version):
-            if "/assignment/" in key and not FirstCasFails.failed:
-                FirstCasFails.failed = True
-                self.inner.put(key, self.inner.get(key).value)   # bump the version
-            return super().compare_and_swap(key, value, version)
-
     CalicoIpam(store).release_ips([CalicoIpam(store).auto_assign_one(4, HOST)])
-    ipam = CalicoIpam(FirstCasFails(store.inner))
+    racing = FirstBlockCasFails(store.inner)
+    ipam = CalicoIpam(racing)
     handles = [f"netplugin.c{i}" for i in range(12)]
     ips, errors = _concurrently(12, lambda i: ipam.auto_assign_one(
         4, HOST, handle_id=handles[i], fresh_handle=True))
-    assert FirstCasFails.failed and errors == [] and len(set(ips)) == 12
+    assert racing.failed and errors == [] and len(set(ips)) == 12
     _handles_match_blocks(store, ipam, handles)
 
 
