@@ -11,7 +11,8 @@ import socket
 import subprocess
 import time
 
-from .base import BUSYBOX, IMAGE, IMAGE_ALIASES, LabCommandError, LabError, _env, _kill, _pid_alive, _run, _tail
+from .base import (BUSYBOX, IMAGE, IMAGE_ALIASES, LabCommandError, LabError, _env, _kill,
+                   _pid_alive, _run, _tail)
 from .docker_versions import DEFAULT_VERSION, DockerUnavailable, docker_install
 
 def _busybox_rootfs_tar(cache_dir):
