@@ -154,7 +154,8 @@ class _Batches:
         self._running: Set[Any] = set()
         self._workers = workers
         self._executor: Optional[ThreadPoolExecutor] = None
-        #: key -> the block that served its last batch (only its leader writes it)
+        #: key -> the block that served its last request: a hint, checked
+        #: when read (a block of another host or a full one is dropped)
         self.last_block: Dict[Any, IPNetwork] = {}
 
     def executor(self) -> ThreadPoolExecutor:
@@ -557,7 +558,7 @@ class CalicoIpam:
         if len(left) < len(pending):
             self._batches.last_block[key] = cidr
         elif self._batches.last_block.get(key) == cidr:
-            del self._batches.last_block[key]
+            self._batches.last_block.pop(key, None)
         return left
 
     def _batch_in_block(self, cidr: IPNetwork, host: str, within: Optional[IPNetwork],
@@ -636,13 +637,16 @@ class CalicoIpam:
         """One address, or PoolExhausted / NoPools with a message for the user.
         A request with a fresh handle joins this host's batch first (see
         ``_assign_batch``); what the batch cannot serve takes the full path."""
-        if fresh_handle and handle_id is not None and secondary is None:
+        batched = fresh_handle and handle_id is not None and secondary is None
+        if batched:
             ip = self._batches.run((version, host, within), handle_id,
                                    lambda batch: self._assign_batch(version, host, within, batch))
             if ip is not None:
                 return ip
         ips = self.auto_assign(version, 1, host, within, handle_id, secondary, fresh_handle)
         if ips:
+            if batched:    # the next batch starts at the block this one used
+                self._batches.last_block[(version, host, within)] = block_cidr_for(ips[0])
             return ips[0]
         pools = self._usable_pools(version, within)
         if not pools:
