@@ -593,19 +593,12 @@ class CalicoIpam:
             f"could not allocate from Calico IPAM block {cidr}: it changed "
             f"concurrently {self.retries} times in a row")
 
-    def _create_handles(self, handle_ids: List[str], cidr: IPNetwork) -> List[Tuple[str, bool]]:
-        """Count one address of ``cidr`` in each (fresh) handle, all at once;
-        [(handle, created)]: created False when the handle existed and was
-        incremented instead.  On a failure the handles made are given back."""
-        def one(handle_id: str) -> Tuple[str, bool]:
-            handle = Handle(handle_id)
-            handle.increment(cidr, 1)
-            try:
-                self.datastore.create(handle_key(handle_id), handle.to_json())
-                return handle_id, True
-            except KeyExists:
-                self._change_handle(handle_id, cidr, 1)
-                return handle_id, False
+    def _create_handles(self, handle_ids: List[str], cidr: IPNetwork) -> List[str]:
+        """Count one address of ``cidr`` in each (fresh) handle, all at once
+        (``_change_handle``); on a failure the handles counted are given back."""
+        def one(handle_id: str) -> str:
+            self._change_handle(handle_id, cidr, 1, fresh=True)
+            return handle_id
         if len(handle_ids) == 1:
             return [one(handle_ids[0])]
         futures = [self._batches.executor().submit(one, h) for h in handle_ids]
@@ -620,16 +613,10 @@ class CalicoIpam:
             raise errors[0]
         return done
 
-    def _drop_handles(self, handles: List[Tuple[str, bool]], cidr: IPNetwork) -> None:
-        """Undo ``_create_handles`` (a lost block CAS)."""
-        for handle_id, created in handles:
-            if created:
-                try:
-                    self.datastore.delete(handle_key(handle_id))
-                except KeyNotFound:
-                    pass
-            else:
-                self._change_handle(handle_id, cidr, -1)
+    def _drop_handles(self, handle_ids: List[str], cidr: IPNetwork) -> None:
+        """Undo ``_create_handles`` (a lost block CAS), as ``_assign_from_block`` does."""
+        for handle_id in handle_ids:
+            self._change_handle(handle_id, cidr, -1)
 
     def auto_assign_one(self, version: int, host: str, within: Optional[IPNetwork] = None,
                         handle_id: Optional[str] = None, secondary: Any = None,
